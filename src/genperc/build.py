@@ -1,0 +1,90 @@
+"""Assemble a run's parts from its config: task, data, image space, text encoder, denoiser.
+
+Training, evaluation and prediction all build through here so that a run directory (its
+``config.yaml`` plus a checkpoint) is all ``genperc predict`` needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from genperc.config import RunConfig
+from genperc.diffusion.conditioning import Conditioning
+from genperc.diffusion.schedule import NoiseSchedule
+from genperc.errors import UserError
+from genperc.tasks import Task, create_task
+
+
+def build_task(cfg: RunConfig) -> Task:
+    return create_task(cfg.task)
+
+
+def build_schedule(cfg: RunConfig) -> NoiseSchedule:
+    return NoiseSchedule(cfg.diffusion)
+
+
+def build_space(cfg: RunConfig):
+    """Pixel space by default; latent space when ``model.vae`` names a local VAE directory."""
+    from genperc.models.latent import LatentSpace, PixelSpace
+
+    return LatentSpace(cfg.model.vae) if cfg.model.vae else PixelSpace()
+
+
+def build_text_encoder(cfg: RunConfig, task: Task):
+    """The cached text encoder, or None for tasks without text or ``model.text_encoder=none``."""
+    if not task.uses_text or cfg.model.text_encoder == "none":
+        return None
+    from genperc.models.text import CachedTextEncoder, build_text_encoder as _build
+
+    return CachedTextEncoder(_build(cfg.model.text_encoder, max_length=cfg.model.text_max_length))
+
+
+def build_model(cfg: RunConfig, task: Task, space, text_encoder):
+    """A fresh denoiser from the preset, or a pretrained local diffusers UNet widened for the task."""
+    from genperc.models.denoiser import Denoiser
+    from genperc.models.presets import create_denoiser
+
+    target_ch = space.channels(task.target_channels)
+    cond_ch = space.channels(task.cond_channels) if task.cond_channels else 0
+    text_dim = text_encoder.dim if text_encoder is not None else 0
+    size = cfg.model.sample_size // space.scale_factor
+    if cfg.model.pretrained:
+        return Denoiser.from_diffusers(cfg.model.pretrained, cond_channels=cond_ch, text_dim=text_dim)
+    return create_denoiser(
+        cfg.model.preset,
+        sample_size=size,
+        in_channels=target_ch,
+        cond_channels=cond_ch,
+        text_dim=text_dim,
+        learned_variance=cfg.diffusion.learned_variance,
+    )
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint directory of a run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}", "pass a directory written by 'genperc train'")
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    if not ckpts:
+        raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}", "train longer than train.checkpoint_every steps or resume the run")
+    return ckpts[-1]
+
+
+def make_conditioning(tb, text_encoder, space, device) -> Conditioning:
+    """A task batch's conditions on ``device``: text states, the image in the model's space, labels."""
+    text = mask = None
+    if tb.texts is not None and text_encoder is not None:
+        text, mask = text_encoder.encode(tb.texts)
+        text, mask = text.to(device), mask.to(device)
+    image = space.encode(tb.image.to(device)) if tb.image is not None else None
+    labels = tb.class_labels.to(device) if tb.class_labels is not None else None
+    return Conditioning(text=text, text_mask=mask, image=image, class_labels=labels)
+
+
+def null_conditioning(text_encoder, device) -> Conditioning:
+    """The null text (embedding of "", InstructPix2Pix) used by dropout and guidance."""
+    if text_encoder is None:
+        return Conditioning()
+    text, mask = text_encoder.null()
+    return Conditioning(text=text.to(device), text_mask=mask.to(device))

@@ -1,0 +1,245 @@
+"""Typed run configuration: dataclasses <-> YAML, named presets, dotted overrides.
+
+A run is described by one :class:`RunConfig`. Presets are YAML files in ``genperc/configs/``
+(``genperc presets`` lists them); a user's own YAML file works the same way. Command-line
+overrides use dotted keys (``train.lr=3e-4 model.preset=unet-small``); values are parsed as YAML
+and checked against the field's type. An unknown key is a :class:`~genperc.errors.UserError`
+that lists the valid keys. The resolved config is saved next to every checkpoint, so a run
+directory describes itself (DESIGN.md, "Checkpoints describe themselves").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from genperc.diffusion.schedule import DiffusionConfig
+from genperc.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Which denoiser to build (``genperc.models.presets``) and from what."""
+
+    preset: str = "unet-tiny"
+    sample_size: int = 32
+    pretrained: str | None = None  # local diffusers directory (SD / InstructPix2Pix / Marigold)
+    vae: str | None = None  # local AutoencoderKL directory → latent space; None = pixel space
+    text_encoder: str = "minilm"  # "minilm", "none" or a local CLIP text-encoder directory
+    text_max_length: int = 32
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation samples come from (``genperc.data``)."""
+
+    source: str = "toy"  # toy | world | refcoco | nyuv2 | coco | ade20k | folder | digits
+    path: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    resolution: int = 32
+    num_workers: int = 0
+    options: dict = field(default_factory=dict)  # source-specific keyword arguments
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop (``genperc.training.trainer``)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    ema: bool = True
+    ema_decay: float = 0.999
+    seed: int = 0
+    timesteps: str = "uniform"  # timestep strategy (ADDP §3.1 adds loss-scaling / prob-scaling)
+    cond_dropout: float = 0.05  # InstructPix2Pix conditioning dropout p (0 disables)
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sampling at evaluation / prediction time (``genperc.diffusion.sampler``)."""
+
+    sampler: str = "ddim"  # ddpm | ddim | euler-a
+    steps: int = 20
+    text_scale: float = 1.0  # InstructPix2Pix s_T (1 = no text guidance)
+    image_scale: float = 1.0  # InstructPix2Pix s_I (1 = no image guidance)
+    eta: float = 0.0
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    task: str = "referring"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with key and type checking
+
+
+def valid_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """All dotted keys of a config class, e.g. ``train.lr``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        ftype = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys += valid_keys(ftype, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a (possibly partial) nested dict, checking keys and types."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{where or 'top'}' must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = where + unknown[0]
+        raise UserError(
+            f"unknown config key '{key}'",
+            "valid keys: " + ", ".join(valid_keys(cls, where)),
+        )
+    kwargs = {}
+    hints = _hints(cls)
+    for name, value in data.items():
+        ftype = hints[name]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = from_dict(ftype, value or {}, where + name + ".")
+        else:
+            kwargs[name] = _coerce(value, ftype, where + name)
+    return cls(**kwargs)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, ftype, key: str):
+    origin = typing.get_origin(ftype)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ftype) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if ftype is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if ftype is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    check = origin or ftype
+    if check in (list, tuple) and isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, check) or (check is int and isinstance(value, bool)):
+        raise UserError(
+            f"config key '{key}' expects {getattr(ftype, '__name__', ftype)}, got {value!r}",
+            f"write e.g. {key}=<{getattr(ftype, '__name__', ftype)}>",
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# presets, files and overrides
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse config file {path}: {str(e).splitlines()[0]}", "fix the YAML syntax") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_preset_dict(name_or_path: str) -> dict:
+    """A preset name (``cpu-tiny``) or a YAML path; ``base: <preset>`` inherits another preset."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise UserError(
+                f"unknown preset '{name_or_path}'",
+                "choose one of: " + ", ".join(list_presets()) + " (or give a path to a .yaml file)",
+            )
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    return _merge(load_preset_dict(base), data) if base else data
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=3e-4", "model.preset=unet-small"]`` → nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value", "write e.g. train.lr=3e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Resolve defaults ← preset ← ``base`` dict ← dotted overrides into a checked RunConfig."""
+    data: dict = {}
+    if preset:
+        data = load_preset_dict(preset)
+    if base:
+        data = _merge(data, base)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return from_dict(RunConfig, data)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"no config.yaml in run directory {run_dir}", "pass a directory written by 'genperc train'")
+    return from_dict(RunConfig, _read_yaml(path))

@@ -1,0 +1,20 @@
+"""Task codecs (ADDP §2): each task is one small file registered here."""
+
+from __future__ import annotations
+
+from genperc.errors import UserError
+from genperc.tasks.base import Task, TaskBatch
+from genperc.tasks.referring import ReferringTask
+
+TASKS: dict[str, type[Task]] = {
+    ReferringTask.name: ReferringTask,
+}
+
+
+def create_task(name: str, **kwargs) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}'", "choose one of: " + ", ".join(sorted(TASKS)))
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["TASKS", "Task", "TaskBatch", "create_task"]

@@ -1,0 +1,389 @@
+"""The one training loop for every task (DESIGN.md), on Hugging Face Accelerate.
+
+One step, for each of ``grad_accum`` micro-batches::
+
+    batch → task.prepare → (x0, condition image, texts)      task codec
+    x0, image → image space (pixels or VAE latents)
+    texts → cached text encoder → Conditioning; IP2P dropout  strategies.conditioning_dropout
+    t, w ~ timestep strategy                                 diffusion.timesteps (ADDP §3.1)
+    x0' = task.augment(x0, t)                                task codec (ADDP §3.2)
+    x_t = add_noise(x0', ε, t); out = model(x_t, t, cond)
+    losses = objectives(ctx)                                 strategies.DiffusionObjective, …
+    combiner.backward(losses)                                strategies.SumCombiner, …
+
+then clip, optimizer and LR-schedule step, EMA update. Every random draw (data order, timesteps,
+noise, dropout) comes from generators owned by the trainer and saved in checkpoints, so a resumed
+run continues bit for bit. Mixed precision, gradient accumulation and multi-process DDP
+(``accelerate launch``) come from Accelerate. Checkpoints are written atomically (temp dir, then
+rename); a non-finite loss stops training and leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from genperc import build
+from genperc.config import RunConfig
+from genperc.diffusion.conditioning import Conditioning
+from genperc.diffusion.timesteps import create_timestep_sampler
+from genperc.errors import UserError
+from genperc.training.strategies import DiffusionObjective, StepContext, SumCombiner, conditioning_dropout
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf; the run directory keeps its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    run_dir: Path
+    images_per_s: float
+
+
+class SeededBatchOrder:
+    """An endless, seeded, resumable stream of index batches, sharded over processes.
+
+    Epoch e is a permutation drawn from a generator seeded with (seed, e); the global stream is
+    the concatenation of the epochs; micro-batch m of rank r takes the stream positions
+    [(m·W + r)·B, (m·W + r + 1)·B). The position is a single integer, saved in checkpoints.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        if n == 0:
+            raise UserError("the training set is empty", "check data.source / data.path / data.train_split")
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.position = start  # next micro-batch of this rank
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def __iter__(self):
+        while True:
+            start = (self.position * self.world + self.rank) * self.bs
+            idx = [int(self._perm(k // self.n)[k % self.n]) for k in range(start, start + self.bs)]
+            self.position += 1
+            yield idx
+
+
+class Trainer:
+    """Train ``cfg`` into ``run_dir``; parts may be injected (tests, experiments)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, task=None, train_source=None, model=None,
+                 text_encoder=None, objectives=None, combiner=None, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        tc = cfg.train
+        if tc.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"train.mixed_precision={tc.mixed_precision!r} is not valid", "use no, fp16 or bf16")
+        self.accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision)
+        self.task = task or build.build_task(cfg)
+        self.schedule = build.build_schedule(cfg)
+        self.space = build.build_space(cfg)
+        self.text_encoder = text_encoder if text_encoder is not None else build.build_text_encoder(cfg, self.task)
+        source = train_source if train_source is not None else _open_train_source(cfg)
+        self.dataset = self.task.dataset(source, cfg.data.resolution)
+        model = model or build.build_model(cfg, self.task, self.space, self.text_encoder)
+        self.timesteps = create_timestep_sampler(tc.timesteps, cfg.diffusion.num_train_timesteps)
+        self.objectives = objectives or [DiffusionObjective()]
+        self.combiner = combiner or SumCombiner()
+
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.lr_scheduler = _lr_schedule(self.optimizer, tc)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.ema = None
+        if tc.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.unwrapped.parameters(), decay=tc.ema_decay)
+        self.step = 0
+        self.generator = torch.Generator(device=self.accelerator.device)
+        self.generator.manual_seed(tc.seed * 7919 + self.accelerator.process_index)
+        self.data_position = 0  # micro-batches consumed by this rank (saved in checkpoints)
+        self._null = None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def null_conditioning(self) -> Conditioning:
+        """The null text (embedding of "") used by conditioning dropout."""
+        if self._null is None:
+            self._null = build.null_conditioning(self.text_encoder, self.accelerator.device)
+        return self._null
+
+    def _loader(self) -> DataLoader:
+        from genperc.data.datasets import collate
+
+        order = SeededBatchOrder(len(self.dataset), self.cfg.train.batch_size, self.cfg.train.seed,
+                                 self.accelerator.process_index, self.accelerator.num_processes,
+                                 start=self.data_position)
+        return DataLoader(self.dataset, batch_sampler=order, collate_fn=collate,
+                          num_workers=self.cfg.data.num_workers, persistent_workers=False)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch (no backward)."""
+        device = self.accelerator.device
+        tb = self.task.prepare(batch)
+        with torch.no_grad():
+            x0 = self.space.encode(tb.x0.to(device))
+            cond = build.make_conditioning(tb, self.text_encoder, self.space, device)
+        cond = conditioning_dropout(cond, self.null_conditioning(), self.cfg.train.cond_dropout, self.generator)
+        b = x0.shape[0]
+        t, weights = self.timesteps.sample(b, self.generator, device)
+        x0_aug = self.task.augment(x0, t, self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.generator.device).to(device)
+        x_t = self.schedule.add_noise(x0_aug, noise, t)
+        with self.accelerator.autocast():
+            out = self.model(x_t, t, cond)
+        ctx = StepContext(output=out, x0=x0, x_t=x_t, noise=noise, t=t, weights=weights,
+                          schedule=self.schedule, cond=cond, model=self.model)
+        losses: dict[str, torch.Tensor] = {}
+        for objective in self.objectives:
+            losses.update(objective(ctx))
+        return losses
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in losses.values()) else 1.0],
+                           device=self.accelerator.device)
+        if self.accelerator.reduce(bad, reduction="sum").item() > 0:
+            last = _last_checkpoint_name(self.run_dir)
+            names = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise TrainingDiverged(
+                f"loss is not finite at step {self.step + 1} ({names}); last good checkpoint: {last or 'none'}",
+                "lower train.lr, keep train.max_grad_norm > 0, or resume with --resume after changing the config",
+            )
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on the main rank (ranks must stop together)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="max").item() > 0)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train(self, resume: bool = False, max_steps: int | None = None,
+              time_limit_s: float | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or ``max_steps``); ``time_limit_s`` stops early with a checkpoint."""
+        tc = self.cfg.train
+        total = tc.steps if max_steps is None else min(tc.steps, max_steps)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+        if resume:
+            self.load_checkpoint()
+        logger = _Logger(self.run_dir, enabled=self.is_main, resume=resume)
+        loader = iter(self._loader())
+        per_step_images = tc.batch_size * tc.grad_accum * self.accelerator.num_processes
+        bar = _progress(total, self.step, enabled=self.is_main and tc.progress)
+        t_start, step_start, loss_value = time.perf_counter(), self.step, float("nan")
+        self.model.train()
+        while self.step < total:
+            step_losses: dict[str, float] = {}
+            for micro in range(tc.grad_accum):
+                batch = next(loader)
+                self.data_position += 1
+                sync = micro == tc.grad_accum - 1
+                ctx = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
+                with ctx:
+                    losses = self.compute_losses(batch)
+                    self._check_finite(losses)
+                    self.combiner.backward(losses, self.accelerator, scale=1.0 / tc.grad_accum)
+                for k, v in losses.items():
+                    step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+            if tc.max_grad_norm and tc.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.unwrapped.parameters())
+            self.step += 1
+            loss_value = sum(step_losses.values())
+            elapsed = time.perf_counter() - t_start
+            ips = (self.step - step_start) * per_step_images / max(elapsed, 1e-9)
+            if self.step % tc.log_every == 0 or self.step == total:
+                logger.log(self.step, {"loss": loss_value, **step_losses, "lr": self.lr_scheduler.get_last_lr()[0],
+                                       "images_per_s": ips})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}")
+                bar.update(1)
+            out_of_time = time_limit_s is not None and self._agree(elapsed > time_limit_s)
+            if self.step % tc.checkpoint_every == 0 or self.step == total or out_of_time:
+                self.save_checkpoint()
+            if out_of_time:
+                break
+        if bar is not None:
+            bar.close()
+        logger.close()
+        elapsed = time.perf_counter() - t_start
+        ips = (self.step - step_start) * per_step_images / max(elapsed, 1e-9)
+        return TrainResult(step=self.step, loss=loss_value, run_dir=self.run_dir, images_per_s=ips)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-XXXXXXXX`` atomically: a temp dir filled by every rank, then a rename."""
+        acc = self.accelerator
+        ckpt_root = self.run_dir / "checkpoints"
+        name = f"step-{self.step:08d}"
+        tmp = ckpt_root / f".tmp-{name}"
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        save_file({"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+                  str(tmp / f"rng-rank{acc.process_index}.safetensors"))
+        if self.is_main:
+            model = self.unwrapped
+            model.save_pretrained(tmp / "model")
+            if self.ema is not None:
+                self.ema.store(model.parameters())
+                self.ema.copy_to(model.parameters())
+                model.save_pretrained(tmp / "ema")
+                self.ema.restore(model.parameters())
+            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                        "ema_step": self.ema.optimization_step if self.ema is not None else 0},
+                       tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": self.step, "data_position": self.data_position, "world_size": acc.num_processes}, indent=1))
+            self.cfg.save(tmp / "config.yaml")
+        acc.wait_for_everyone()
+        final = ckpt_root / name
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in sorted(ckpt_root.glob("step-*"))[: -max(1, self.cfg.train.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        ckpt = Path(path) if path else build.latest_checkpoint(self.run_dir)
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["world_size"] != self.accelerator.num_processes:
+            raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
+                            f"{self.accelerator.num_processes}", "resume with the same --num_processes")
+        self.unwrapped.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
+        opt = torch.load(ckpt / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
+        if self.ema is not None:
+            ema_model = type(self.unwrapped).from_pretrained(ckpt / "ema")
+            self.ema.shadow_params = [p.detach().clone().to(self.accelerator.device) for p in ema_model.parameters()]
+            self.ema.optimization_step = opt["ema_step"]
+        rng = load_file(str(ckpt / f"rng-rank{self.accelerator.process_index}.safetensors"))
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        self.step = state["step"]
+        self.data_position = state["data_position"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_train_source(cfg: RunConfig):
+    from genperc.data.sources import open_scene_source
+
+    return open_scene_source(cfg.data, cfg.data.train_split)
+
+
+def _lr_schedule(optimizer, tc):
+    from diffusers.optimization import get_scheduler
+
+    if tc.lr_schedule not in ("cosine", "constant"):
+        raise UserError(f"train.lr_schedule={tc.lr_schedule!r} is not valid", "use cosine or constant")
+    name = "cosine" if tc.lr_schedule == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
+
+
+def _last_checkpoint_name(run_dir: Path) -> str | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    return str(ckpts[-1]) if ckpts else None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+class _Logger:
+    """CSV (``metrics.csv``) and TensorBoard (``tb/``) scalars, main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.csv"
+        self._fields: list[str] | None = None
+        self.tb = None
+        if not enabled:
+            return
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if self.path.exists():
+            with self.path.open() as f:
+                self._fields = next(csv.reader(f), None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is optional at run time
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (v if math.isfinite(v) else float("nan")) for k, v in values.items()}}
+        new = self._fields is None
+        if new:
+            self._fields = list(row)
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
