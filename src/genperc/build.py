@@ -34,9 +34,9 @@ def build_text_encoder(cfg: RunConfig, task: Task):
     """The cached text encoder, or None for tasks without text or ``model.text_encoder=none``."""
     if not task.uses_text or cfg.model.text_encoder == "none":
         return None
-    from genperc.models.text import CachedTextEncoder, build_text_encoder as _build
+    from genperc.models.text import build_text_encoder as _build
 
-    return CachedTextEncoder(_build(cfg.model.text_encoder, max_length=cfg.model.text_max_length))
+    return _build(cfg.model.text_encoder, cache=True, max_length=cfg.model.text_max_length)
 
 
 def build_model(cfg: RunConfig, task: Task, space, text_encoder):
@@ -57,6 +57,7 @@ def build_model(cfg: RunConfig, task: Task, space, text_encoder):
         cond_channels=cond_ch,
         text_dim=text_dim,
         learned_variance=cfg.diffusion.learned_variance,
+        seed=cfg.train.seed,
     )
 
 

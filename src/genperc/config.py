@@ -153,6 +153,11 @@ def _coerce(value, ftype, key: str):
         return _coerce(value, args[0], key)
     if ftype is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if ftype is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if ftype is int and isinstance(value, float) and value.is_integer():
         return int(value)
     check = origin or ftype

@@ -13,36 +13,31 @@ from pathlib import Path
 
 import torch
 
-from genperc import build
 from genperc.config import load_config
 from genperc.data.sources import open_scene_source
 from genperc.evaluation.evaluate import evaluate
 from genperc.training.trainer import Trainer
 
 
-def shape_baseline(dataset, task) -> dict[str, float]:
-    """Score two trivial predictors: the empty mask, and all objects whose shape the text names."""
-    per = {"empty": {"I": [], "U": [], "IoU": []}, "named shape": {"I": [], "U": [], "IoU": []}}
-    for i in range(len(dataset)):
+def trivial_baselines(dataset, task, limit: int) -> dict[str, dict[str, float]]:
+    """Score two trivial predictors on the first ``limit`` items: the empty mask, and the mask of
+    every object whose shape the expression names (what a model that ignores everything but the
+    shape word would produce)."""
+    from genperc.data.transforms import plan_resize
+
+    per: dict[str, dict[str, list]] = {"empty": {}, "named shape": {}}
+    for i in range(min(limit, len(dataset))):
         item = dataset[i]
+        rec = dataset.source[item["meta"]["record_index"]]
+        plan = plan_resize(rec.image.shape[:2], dataset.resolution, dataset.fit)
+        words = set(item["text"].split())
+        named = plan.labels(rec.object_mask([o.id for o in rec.objects if o.category in words]))
         batch = {"mask": item["mask"][None]}
-        empty = torch.zeros_like(batch["mask"], dtype=torch.bool)
-        named = _named_shape_mask(dataset, i, item["text"])[None, None]
-        for name, pred in (("empty", empty), ("named shape", named)):
+        preds = {"empty": torch.zeros_like(batch["mask"]), "named shape": torch.from_numpy(named)[None, None]}
+        for name, pred in preds.items():
             for k, v in task.metrics(pred, batch).items():
-                per[name][k].append(v)
+                per[name].setdefault(k, []).append(v)
     return {name: task.summarize({k: torch.cat(v) for k, v in d.items()}) for name, d in per.items()}
-
-
-def _named_shape_mask(dataset, i, text):
-    rec, _ = dataset.record(i)
-    categories = getattr(dataset.source, "categories", [])
-    mask = torch.zeros(rec.image.shape[:2], dtype=torch.bool)
-    for c in categories[1:]:
-        if c in text:
-            ids = [o.id for o in rec.objects if o.category == c]
-            mask |= torch.from_numpy(rec.object_mask(ids))
-    return torch.nn.functional.interpolate(mask[None, None].float(), size=dataset.resolution, mode="nearest")[0, 0].bool()
 
 
 def run_demo(out: Path, minutes: float = 1.0, preset: str = "cpu-tiny", overrides: list[str] | None = None) -> dict:
@@ -60,8 +55,7 @@ def run_demo(out: Path, minutes: float = 1.0, preset: str = "cpu-tiny", override
     res = evaluate(model, trainer.task, val, schedule=trainer.schedule, space=trainer.space,
                    text_encoder=trainer.text_encoder, sample_cfg=cfg.sample, device=trainer.accelerator.device,
                    limit=128)
-    base = shape_baseline(torch.utils.data.Subset(val, range(min(128, len(val)))).dataset, trainer.task) \
-        if hasattr(val, "record") else {}
+    base = trivial_baselines(val, trainer.task, limit=128)
     report = {"model": res.summary, **base, "settings": trainer.task.settings(), "steps": result.step,
               "sampler": cfg.sample.sampler, "sample_steps": cfg.sample.steps}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))

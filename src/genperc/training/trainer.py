@@ -93,10 +93,10 @@ class Trainer:
         tc = cfg.train
         if tc.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"train.mixed_precision={tc.mixed_precision!r} is not valid", "use no, fp16 or bf16")
-        self.accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision)
+        self.accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision, cpu=_multi_cpu())
         self.task = task or build.build_task(cfg)
         self.schedule = build.build_schedule(cfg)
-        self.space = build.build_space(cfg)
+        self.space = build.build_space(cfg).to(self.accelerator.device)
         self.text_encoder = text_encoder if text_encoder is not None else build.build_text_encoder(cfg, self.task)
         source = train_source if train_source is not None else _open_train_source(cfg)
         self.dataset = self.task.dataset(source, cfg.data.resolution)
@@ -173,7 +173,7 @@ class Trainer:
                            device=self.accelerator.device)
         if self.accelerator.reduce(bad, reduction="sum").item() > 0:
             last = _last_checkpoint_name(self.run_dir)
-            names = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            names = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise TrainingDiverged(
                 f"loss is not finite at step {self.step + 1} ({names}); last good checkpoint: {last or 'none'}",
                 "lower train.lr, keep train.max_grad_norm > 0, or resume with --resume after changing the config",
@@ -314,6 +314,12 @@ def _open_train_source(cfg: RunConfig):
     from genperc.data.sources import open_scene_source
 
     return open_scene_source(cfg.data, cfg.data.train_split)
+
+
+def _multi_cpu() -> bool:
+    """Several processes (torchrun / ``accelerate launch --multi_gpu``) on a machine without CUDA:
+    Accelerate then needs ``cpu=True`` to set up gloo DDP instead of one process per rank."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _lr_schedule(optimizer, tc):
