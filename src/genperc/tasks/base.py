@@ -8,7 +8,7 @@ task-specific is here. Adding a task is one file registered in ``genperc.tasks``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +23,7 @@ class TaskBatch:
     image: Tensor | None = None  # [B, 3, H, W] condition image in [-1, 1] (concatenated)
     texts: list[str] | None = None  # prompts / expressions (cross-attention)
     class_labels: Tensor | None = None  # [B] long
+    extras: dict = field(default_factory=dict)  # task-specific tensors for augment (mask, valid, ...)
 
 
 class Task:
@@ -42,12 +43,14 @@ class Task:
         """Encode a collated batch of dataset items into the target image and the conditions."""
         raise NotImplementedError
 
-    def augment(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Diffusion-tailored augmentation of the clean target at timestep t (ADDP §3.2).
 
-        Identity by default; the target the loss is computed against stays the clean ``x0``.
+        Returns the corrupted target image (pixel space, like ``tb.x0``) that is noised to x_t;
+        the loss target stays the clean ``tb.x0``. Identity by default (returns ``tb.x0`` itself,
+        which the trainer recognises to skip a second encoding).
         """
-        return x0
+        return tb.x0
 
     def decode(self, x0: Tensor, batch: dict) -> Any:
         """Generated target image(s) → prediction."""

@@ -41,7 +41,8 @@ class ReferringTask(Task):
         return image * (1 - m) + red * m
 
     def prepare(self, batch: dict) -> TaskBatch:
-        return TaskBatch(x0=self.encode_target(batch["image"], batch["mask"]), image=batch["image"], texts=list(batch["text"]))
+        return TaskBatch(x0=self.encode_target(batch["image"], batch["mask"]), image=batch["image"],
+                         texts=list(batch["text"]), extras={"mask": batch["mask"]})
 
     def decode(self, x0: Tensor, batch: dict | None = None) -> Tensor:
         """[B, 3, H, W] in [-1, 1] → bool mask [B, 1, H, W]."""

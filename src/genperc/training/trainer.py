@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,14 +150,17 @@ class Trainer:
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch (no backward)."""
         device = self.accelerator.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         tb = self.task.prepare(batch)
+        b = tb.x0.shape[0]
+        t, weights = self.timesteps.sample(b, self.generator, device)
         with torch.no_grad():
-            x0 = self.space.encode(tb.x0.to(device))
+            x0_pixels = tb.x0.to(device)
+            augmented = self.task.augment(tb, t, self.generator)
+            x0 = self.space.encode(x0_pixels)
+            x0_aug = x0 if augmented is tb.x0 else self.space.encode(augmented.to(device))
             cond = build.make_conditioning(tb, self.text_encoder, self.space, device)
         cond = conditioning_dropout(cond, self.null_conditioning(), self.cfg.train.cond_dropout, self.generator)
-        b = x0.shape[0]
-        t, weights = self.timesteps.sample(b, self.generator, device)
-        x0_aug = self.task.augment(x0, t, self.generator)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.generator.device).to(device)
         x_t = self.schedule.add_noise(x0_aug, noise, t)
         with self.accelerator.autocast():
@@ -349,7 +353,9 @@ def _progress(total: int, initial: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    # In a log file (not a terminal) refresh rarely instead of writing a line per step.
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
 class _Logger:
