@@ -16,7 +16,11 @@ from genperc.tasks import Task, create_task
 
 
 def build_task(cfg: RunConfig) -> Task:
-    return create_task(cfg.task)
+    """The task codec with its options, the ADDP augmentation intensity and the schedule length."""
+    task = create_task(cfg.task, **cfg.task_options)
+    task.augment_intensity = cfg.train.augment
+    task.num_train_timesteps = cfg.diffusion.num_train_timesteps
+    return task
 
 
 def build_schedule(cfg: RunConfig) -> NoiseSchedule:

@@ -65,7 +65,9 @@ class TrainConfig:
     ema: bool = True
     ema_decay: float = 0.999
     seed: int = 0
-    timesteps: str = "uniform"  # timestep strategy (ADDP §3.1 adds loss-scaling / prob-scaling)
+    timesteps: str = "uniform"  # timestep strategy: uniform | loss-scaling | prob-scaling (ADDP §3.1)
+    contributions: str = "diffusion"  # c_t² for the strategy: diffusion | a preset | a c.json path | "[1, 3, …]"
+    augment: float = 0.0  # ADDP §3.2 diffusion-tailored augmentation intensity multiplier (0 = off)
     cond_dropout: float = 0.05  # InstructPix2Pix conditioning dropout p (0 disables)
     log_every: int = 10
     checkpoint_every: int = 200
@@ -88,6 +90,7 @@ class SampleConfig:
 @dataclass
 class RunConfig:
     task: str = "referring"
+    task_options: dict = field(default_factory=dict)  # keyword arguments of the task codec
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -14,7 +14,10 @@ TASKS: dict[str, type[Task]] = {
 def create_task(name: str, **kwargs) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown task '{name}'", "choose one of: " + ", ".join(sorted(TASKS)))
-    return TASKS[name](**kwargs)
+    try:
+        return TASKS[name](**kwargs)
+    except TypeError as e:
+        raise UserError(f"bad task_options for task '{name}': {e}", "see the task's docstring for its options") from e
 
 
 __all__ = ["TASKS", "Task", "TaskBatch", "create_task"]

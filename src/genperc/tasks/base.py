@@ -34,6 +34,8 @@ class Task:
     cond_channels: ClassVar[int] = 3  # channels of the concatenated condition image (0 = none)
     uses_text: ClassVar[bool] = True
     main_metric: ClassVar[str] = ""
+    augment_intensity: float = 0.0  # ADDP §3.2 intensity multiplier (set from train.augment)
+    num_train_timesteps: int = 1000  # T, to turn t into the augmentation strength t/T
 
     def dataset(self, source, resolution: int):
         """A torch Dataset of this task's items over a :class:`~genperc.data.record.SceneSource`."""
