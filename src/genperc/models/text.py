@@ -169,7 +169,9 @@ class MiniLMTextEncoder(_HFTextEncoder):
         verify_sha256(root / "model.safetensors", expected_sha256)
 
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a 100-tensor load is instant; its bar is noise in logs
         model = AutoModel.from_pretrained(str(root), local_files_only=True, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
         self.path = root

@@ -1,0 +1,26 @@
+"""The shapes world: CLEVR-style scenes path traced with Mitsuba 3, with exact ground truth.
+
+* :mod:`.scene` — :class:`WorldConfig`, scene specs and their seeded sampling
+* :mod:`.render` — Mitsuba scene construction, RGB and pixel-centre label passes, planar depth
+* :mod:`.relations` / :mod:`.expressions` — camera-relative relations, verified referring expressions
+* :mod:`.annotate` — boxes, pixel counts, class labels: the per-scene record
+* :mod:`.format` — the on-disk format (documented there and in docs/world-format.md) and
+  :class:`WorldSource`, its validating reader
+* :mod:`.render_job` — the deterministic, resumable, multi-worker render job
+* :mod:`.show` — contact sheets
+
+Mitsuba is imported lazily: reading a rendered split needs only numpy and Pillow.
+"""
+
+from genperc.data.world.format import WorldSource
+from genperc.data.world.scene import CATEGORIES, WorldConfig
+
+__all__ = ["CATEGORIES", "WorldConfig", "WorldSource", "render_split", "render_scene"]
+
+
+def __getattr__(name):
+    if name in ("render_split", "render_scene"):
+        from genperc.data.world import render_job
+
+        return getattr(render_job, name)
+    raise AttributeError(name)
