@@ -22,7 +22,15 @@ app = typer.Typer(
 )
 
 
+_MOUNTED = False
+
+
 def _mount_subapps() -> None:
+    """Attach the command groups that live beside their library code (once per process)."""
+    global _MOUNTED
+    if _MOUNTED:
+        return
+    _MOUNTED = True
     from genperc.data.commands import app as data_app
 
     app.add_typer(data_app, name="data", help="Render, inspect and check data sets (the shapes world).")

@@ -1,0 +1,40 @@
+"""The command line: help everywhere, user errors as one line with exit code 2."""
+
+import pytest
+
+from genperc.cli import main
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["data", "--help"], ["data", "render", "--help"]])
+def test_help(argv, capsys):
+    assert main(argv) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--preset", "no-such"], "unknown preset 'no-such'"),
+        (["train", "train.bogus=1"], "valid keys: train.steps"),
+        (["train", "train.steps=lots"], "train.steps"),
+        (["train", "--resume"], "--resume needs --run-dir"),
+        (["config", "diffusion.prediction_type=z"], "prediction_type"),
+        (["data", "show", "/no/such/dir", "--out", "x.png"], "/no/such/dir"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--preset", "cpu-tiny", "train.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.001" in out and "preset: unet-tiny" in out
+
+
+def test_resume_of_missing_run_dir(tmp_path, capsys):
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "nope")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
