@@ -17,18 +17,10 @@ import zlib
 import numpy as np
 
 from genperc.data.record import Expression, ObjectAnn, SceneRecord
+from genperc.data.world.scene import COLORS
 
 SHAPES = ("disc", "square", "triangle")
-COLOURS = {
-    "gray": (87, 87, 87),
-    "red": (173, 35, 35),
-    "blue": (42, 75, 215),
-    "green": (29, 105, 20),
-    "brown": (129, 74, 25),
-    "purple": (129, 38, 192),
-    "cyan": (41, 208, 208),
-    "yellow": (255, 238, 51),
-}
+COLOURS = COLORS  # the CLEVR colours, shared with the rendered world
 # "red" objects are excluded from the referring source's palette by default: the referring target
 # paints the referred object pure red, and a red object would make the target ambiguous to a viewer.
 PALETTE = ("blue", "green", "brown", "purple", "cyan", "yellow", "gray")
