@@ -11,6 +11,7 @@ directory describes itself (DESIGN.md, "Checkpoints describe themselves").
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,8 @@ def _coerce(value, ftype, key: str):
             pass
     if ftype is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    if ftype is str and isinstance(value, list):  # e.g. train.contributions=[1, 3, 7] → "[1, 3, 7]"
+        return json.dumps(value)
     check = origin or ftype
     if check in (list, tuple) and isinstance(value, (list, tuple)):
         return list(value)

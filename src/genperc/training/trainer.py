@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from genperc import build
 from genperc.config import RunConfig
 from genperc.diffusion.conditioning import Conditioning
-from genperc.diffusion.timesteps import create_timestep_sampler
+from genperc.diffusion.timesteps import build_timestep_sampler
 from genperc.errors import UserError
 from genperc.training.strategies import DiffusionObjective, StepContext, SumCombiner, conditioning_dropout
 
@@ -102,7 +102,7 @@ class Trainer:
         source = train_source if train_source is not None else _open_train_source(cfg)
         self.dataset = self.task.dataset(source, cfg.data.resolution)
         model = model or build.build_model(cfg, self.task, self.space, self.text_encoder)
-        self.timesteps = create_timestep_sampler(tc.timesteps, cfg.diffusion.num_train_timesteps)
+        self.timesteps = build_timestep_sampler(tc, self.schedule)
         self.objectives = objectives or [DiffusionObjective()]
         self.combiner = combiner or SumCombiner()
 
