@@ -53,7 +53,8 @@ def build_model(cfg: RunConfig, task: Task, space, text_encoder):
     text_dim = text_encoder.dim if text_encoder is not None else 0
     size = cfg.model.sample_size // space.scale_factor
     if cfg.model.pretrained:
-        return Denoiser.from_diffusers(cfg.model.pretrained, cond_channels=cond_ch, text_dim=text_dim)
+        return Denoiser.from_diffusers(cfg.model.pretrained, cond_channels=cond_ch, text_dim=text_dim,
+                                       widen_mode=getattr(task, "widen_mode", "zero"))
     return create_denoiser(
         cfg.model.preset,
         sample_size=size,

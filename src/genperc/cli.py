@@ -34,6 +34,12 @@ def _mount_subapps() -> None:
     from genperc.data.commands import app as data_app
 
     app.add_typer(data_app, name="data", help="Render, inspect and check data sets (the shapes world).")
+    from genperc.analyze import app as analyze_app
+
+    app.add_typer(analyze_app, name="analyze", help="ADDP analyses: per-step curves, contribution factors c_t², augmentation figures.")
+    from genperc.experiments import app as experiment_app
+
+    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (GenRep, …).")
 
 
 OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.preset=unet-small"
@@ -42,7 +48,7 @@ OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.preset=unet-
 @app.command()
 def train(
     preset: str = typer.Option("cpu-tiny", help="Config preset name or path to a YAML file (see `genperc presets`)."),
-    task: str = typer.Option(None, help="Task: referring (more with later releases). Overrides the preset's task."),
+    task: str = typer.Option(None, help="Task: depth | referring | generalist. Overrides the preset's task."),
     run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Output run directory (default runs/<task>-<preset>)."),
     resume: bool = typer.Option(False, help="Continue from the run directory's latest checkpoint."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
@@ -64,6 +70,62 @@ def train(
     result = Trainer(cfg, run_dir).train(resume=resume)
     typer.echo(f"trained {result.step} steps, final loss {result.loss:.4f}, "
                f"{result.images_per_s:.1f} images/s → {result.run_dir}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `genperc train`."),
+    split: str = typer.Option("val", help="Split of the run's data to evaluate."),
+    steps: int = typer.Option(None, help="Sampling steps (default: the run's sample.steps)."),
+    sampler: str = typer.Option(None, help="ddim | euler-a | ddpm (default: the run's sample.sampler)."),
+    ensemble: int = typer.Option(1, help="Test-time ensemble size (Marigold-style for depth)."),
+    limit: int = typer.Option(None, help="Evaluate only the first N items."),
+    seed: int = typer.Option(0, help="Seed of the sampling noise."),
+    text_scale: float = typer.Option(None, help="InstructPix2Pix text guidance s_T (default: the run's)."),
+    image_scale: float = typer.Option(None, help="InstructPix2Pix image guidance s_I (default: the run's)."),
+    batch_size: int = typer.Option(None, help="Items per sampler call."),
+    weights: str = typer.Option("ema", help="ema | model."),
+    out: Path = typer.Option(None, help="Output folder (default RUN/eval/<split>-<checkpoint>)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
+):
+    """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
+    from genperc.inference import evaluate_run, load_run
+
+    run = load_run(run_dir, weights=weights, overrides=list(overrides or []))
+    out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
+    res = evaluate_run(run, split, steps=steps, sampler=sampler, ensemble=ensemble, limit=limit, seed=seed,
+                       batch_size=batch_size, text_scale=text_scale, image_scale=image_scale, out=out,
+                       progress=True)
+    s = res.settings
+    typer.echo(f"{run.task.name} on {split} ({s['items']} items, {s['sampler']} {s['steps']} steps, "
+               f"ensemble {s['ensemble']}, {s['seconds']:.0f} s):")
+    for k, v in res.summary.items():
+        typer.echo(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
+    typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in s["task_settings"].items()))
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `genperc train`."),
+    image: Path = typer.Option(..., "--image", help="An 8-bit RGB image (PNG/JPEG); resized to the model's size."),
+    prompt: str = typer.Option(None, help="Referring expression or generalist instruction (not used by depth)."),
+    out: Path = typer.Option(Path("prediction"), help="Output folder."),
+    steps: int = typer.Option(None, help="Sampling steps (default: the run's sample.steps)."),
+    sampler: str = typer.Option(None, help="ddim | euler-a | ddpm."),
+    ensemble: int = typer.Option(1, help="Test-time ensemble size."),
+    seed: int = typer.Option(0, help="Seed of the sampling noise."),
+    weights: str = typer.Option("ema", help="ema | model."),
+):
+    """Predict on one image: depth (16-bit PNG), mask (PNG) or boxes (JSON), plus visualisations."""
+    from genperc.inference import load_run, predict_files
+
+    run = load_run(run_dir, weights=weights)
+    paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    for p in paths:
+        typer.echo(f"wrote {p}")
 
 
 @app.command()
@@ -91,15 +153,22 @@ def config(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo"), help="Output directory."),
-    minutes: float = typer.Option(1.0, help="Training time budget in minutes."),
-    preset: str = typer.Option("cpu-tiny", help="Config preset."),
+    out: Path = typer.Option(Path("demo"), help="Output directory (report.html, metrics.json, run/, world/)."),
+    minutes: float = typer.Option(8.0, help="Training time budget in minutes."),
+    preset: str = typer.Option("demo", help="Config preset."),
+    train_scenes: int = typer.Option(2000, help="Rendered training scenes (32x32)."),
+    val_scenes: int = typer.Option(12, help="Rendered held-out scenes."),
+    limit: int = typer.Option(240, help="Held-out expressions to evaluate (0 = all)."),
+    examples: int = typer.Option(9, help="Held-out scenes to predict on for the report's grid."),
+    workers: int = typer.Option(2, help="Render worker processes."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
-    """The main job on the embedded default: train, evaluate, report what was learned."""
+    """The main job on the embedded default: render a world, train referring segmentation, evaluate
+    it beside two trivial baselines, predict, and write OUT/report.html."""
     from genperc.demo import run_demo
 
-    run_demo(out, minutes=minutes, preset=preset, overrides=list(overrides or []))
+    run_demo(out, minutes=minutes, preset=preset, overrides=list(overrides or []), train_scenes=train_scenes,
+             val_scenes=val_scenes, eval_limit=limit or None, examples=examples, workers=workers)
 
 
 def main(argv: list[str] | None = None) -> int:

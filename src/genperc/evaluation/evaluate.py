@@ -1,26 +1,49 @@
 """Evaluate a denoiser on a task: sample, decode with the task codec, score per sample.
 
-One code path for every task: the sampler produces the generated target (optionally its whole
-trajectory), the task decodes and scores it. Guidance is InstructPix2Pix 3-way when the task has
-both text and an image condition, classifier-free otherwise, none at scales of 1.
+One code path for every task: the sampler produces the generated target (optionally several per
+item, a test-time ensemble), the task decodes and scores it. Guidance is InstructPix2Pix 3-way
+when the task has both text and an image condition, classifier-free otherwise, none at scales of 1.
+The result holds the split-level summary, the per-sample values (and a row per item for a CSV),
+the settings that produced it, and optionally the first generated images and predictions.
 """
 
 from __future__ import annotations
 
+import csv
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from genperc.build import make_conditioning, null_conditioning
+from genperc.errors import UserError
 
 
 @dataclass
 class EvalResult:
     summary: dict[str, float]
-    per_sample: dict[str, torch.Tensor]
+    per_sample: dict[str, torch.Tensor | list]
     predictions: list = field(default_factory=list)  # decoded predictions, when kept
     samples: list = field(default_factory=list)  # generated target images [-1, 1], when kept
+    rows: list[dict] = field(default_factory=list)  # one per item: identifiers + scalar metrics
+    settings: dict = field(default_factory=dict)  # sampler, steps, guidance, ensemble, task settings
+
+    def write_csv(self, path: str | Path) -> Path:
+        """The per-sample rows as CSV (NaN where a metric does not apply to the item)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields: list[str] = []
+        for row in self.rows:
+            fields += [k for k in row if k not in fields]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for row in self.rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else v)
+                            for k, v in row.items()})
+        return path
 
 
 def make_guidance(task, text_scale: float, image_scale: float):
@@ -33,21 +56,58 @@ def make_guidance(task, text_scale: float, image_scale: float):
     return None
 
 
-@torch.no_grad()
-def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg, device="cpu",
-             seed: int = 0, limit: int | None = None, keep: int = 0, progress: bool = False) -> EvalResult:
-    """Sample every item of ``dataset`` (or the first ``limit``) and score it with the task."""
-    from genperc.data.datasets import collate
+def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg, generator, device="cpu",
+                   ensemble: int = 1) -> list[torch.Tensor]:
+    """Generate ``ensemble`` target images per item of a TaskBatch, in one sampler call.
+
+    Returns a list of ``ensemble`` tensors [B, C, H, W] in [-1, 1] on the CPU. The noise of member e
+    is rows e·B … (e+1)·B of one draw from ``generator`` (so ``ensemble=1`` draws exactly [B, …])."""
     from genperc.diffusion.sampler import sample
 
+    if not isinstance(ensemble, int) or ensemble < 1:
+        raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
+    cond = make_conditioning(tb, text_encoder, space, device)
+    b = tb.x0.shape[0]
+    if ensemble > 1:
+        cond = cond.repeat(ensemble)
+    shape = space.latent_shape((b * ensemble, *tb.x0.shape[1:]))
+    noise = torch.randn(shape, generator=generator).to(device)
+    guidance = make_guidance(task, sample_cfg.text_scale, sample_cfg.image_scale)
+    out = sample(model, noise, cond, schedule=schedule, sampler=sample_cfg.sampler, num_steps=sample_cfg.steps,
+                 guidance=guidance, null_cond=null_conditioning(text_encoder, device), eta=sample_cfg.eta,
+                 generator=generator)
+    x0 = space.decode(out.sample).clamp(-1, 1).float().cpu()
+    return list(x0.chunk(ensemble, dim=0))
+
+
+def sample_settings(sample_cfg, ensemble: int, seed: int) -> dict:
+    return {"sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "text_scale": sample_cfg.text_scale,
+            "image_scale": sample_cfg.image_scale, "eta": sample_cfg.eta, "ensemble": ensemble, "seed": seed}
+
+
+@torch.no_grad()
+def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg, device="cpu",
+             seed: int = 0, limit: int | None = None, keep: int = 0, progress: bool = False,
+             ensemble: int = 1) -> EvalResult:
+    """Sample every item of ``dataset`` (or the first ``limit``) and score it with the task.
+
+    ``ensemble`` > 1 generates that many targets per item from independent noise and combines them
+    with ``task.decode_ensemble`` (Marigold's scale-and-shift ensemble for depth, Marigold §3.4).
+    ``keep`` keeps the first generated images and predictions (for figures)."""
+    from genperc.data.datasets import collate
+
+    if not isinstance(ensemble, int) or ensemble < 1:
+        raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be positive, got {limit}", "use e.g. --limit 100")
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise UserError("the evaluation set is empty", "check data.source / data.path / data.val_split")
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=sample_cfg.batch_size, shuffle=False, collate_fn=collate)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    guidance = make_guidance(task, sample_cfg.text_scale, sample_cfg.image_scale)
-    null = null_conditioning(text_encoder, device)
-    per_sample: dict[str, list[torch.Tensor]] = {}
+    per_sample: dict[str, list] = {}
     result = EvalResult(summary={}, per_sample={})
     iterator = loader
     if progress:
@@ -56,19 +116,26 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
         iterator = tqdm(loader, desc="eval", unit="batch")
     for batch in iterator:
         tb = task.prepare(batch)
-        cond = make_conditioning(tb, text_encoder, space, device)
-        shape = space.latent_shape(tb.x0.shape)
-        noise = torch.randn(shape, generator=generator).to(device)
-        out = sample(model, noise, cond, schedule=schedule, sampler=sample_cfg.sampler,
-                     num_steps=sample_cfg.steps, guidance=guidance, null_cond=null, eta=sample_cfg.eta,
-                     generator=generator)
-        x0 = space.decode(out.sample).clamp(-1, 1).cpu()
-        pred = task.decode(x0, batch)
-        for k, v in task.metrics(pred, batch).items():
-            per_sample.setdefault(k, []).append(v.cpu())
+        members = sample_targets(model, task, tb, schedule=schedule, space=space, text_encoder=text_encoder,
+                                 sample_cfg=sample_cfg, generator=generator, device=device, ensemble=ensemble)
+        pred = task.decode(members[0], batch) if ensemble == 1 else task.decode_ensemble(members, batch)
+        values = task.metrics(pred, batch)
+        rows = task.describe(batch)
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu()
+                per_sample.setdefault(k, []).append(v)
+                if v.ndim == 1:
+                    for row, x in zip(rows, v.tolist(), strict=True):
+                        row[k] = float(x)
+            else:
+                per_sample.setdefault(k, []).extend(list(v))
+        result.rows.extend(rows)
         if len(result.samples) < keep:
-            result.samples.extend(list(x0[: keep - len(result.samples)]))
+            result.samples.extend(list(members[0][: keep - len(result.samples)]))
             result.predictions.extend(list(pred[: keep - len(result.predictions)]))
-    result.per_sample = {k: torch.cat(v) for k, v in per_sample.items()}
+    result.per_sample = {k: torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v for k, v in per_sample.items()}
     result.summary = task.summarize(result.per_sample)
+    result.settings = {**sample_settings(sample_cfg, ensemble, seed), "limit": limit, "items": n,
+                       "task": task.name, "task_settings": task.settings()}
     return result

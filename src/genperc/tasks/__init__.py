@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from genperc.errors import UserError
 from genperc.tasks.base import Task, TaskBatch
+from genperc.tasks.classification import ClassificationTask
+from genperc.tasks.depth import DepthTask
+from genperc.tasks.generalist import GeneralistTask
 from genperc.tasks.referring import ReferringTask
 
 TASKS: dict[str, type[Task]] = {
+    ClassificationTask.name: ClassificationTask,
+    DepthTask.name: DepthTask,
     ReferringTask.name: ReferringTask,
+    GeneralistTask.name: GeneralistTask,
 }
 
 
@@ -20,4 +26,4 @@ def create_task(name: str, **kwargs) -> Task:
         raise UserError(f"bad task_options for task '{name}': {e}", "see the task's docstring for its options") from e
 
 
-__all__ = ["TASKS", "Task", "TaskBatch", "create_task"]
+__all__ = ["TASKS", "DepthTask", "GeneralistTask", "ReferringTask", "Task", "TaskBatch", "create_task"]

@@ -33,7 +33,9 @@ class Task:
     target_channels: ClassVar[int] = 3
     cond_channels: ClassVar[int] = 3  # channels of the concatenated condition image (0 = none)
     uses_text: ClassVar[bool] = True
+    needs_prompt: ClassVar[bool] = True  # prediction needs a user prompt (referring expression, instruction)
     main_metric: ClassVar[str] = ""
+    widen_mode: ClassVar[str] = "zero"  # pretrained conv_in widening for the condition: zero (IP2P) | tile (Marigold)
     augment_intensity: float = 0.0  # ADDP §3.2 intensity multiplier (set from train.augment)
     num_train_timesteps: int = 1000  # T, to turn t into the augmentation strength t/T
 
@@ -58,10 +60,48 @@ class Task:
         """Generated target image(s) → prediction."""
         raise NotImplementedError
 
-    def metrics(self, prediction: Any, batch: dict) -> dict[str, Tensor]:
-        """Per-sample metric values, each a tensor of shape [B]."""
+    def decode_ensemble(self, members: list[Tensor], batch: dict | None = None) -> Any:
+        """N generated images per item (a list of [B, C, H, W]) → one prediction per item.
+
+        Default: decode the per-pixel median of the members. Depth overrides it with Marigold's
+        scale-and-shift ensemble, referring segmentation with a majority vote of the masks."""
+        return self.decode(torch.stack(members).median(0).values, batch)
+
+    def metrics(self, prediction: Any, batch: dict) -> dict[str, Tensor | list]:
+        """Per-sample metric values: tensors of shape [B] (NaN where a value does not apply), or
+        lists of length B for values that only the split-level summary can use (e.g. detections)."""
         raise NotImplementedError
 
-    def summarize(self, per_sample: dict[str, Tensor]) -> dict[str, float]:
-        """Aggregate per-sample values over a split (default: the mean of each)."""
-        return {k: float(v.float().mean()) for k, v in per_sample.items()}
+    def summarize(self, per_sample: dict[str, Tensor | list]) -> dict[str, float]:
+        """Aggregate per-sample values over a split (default: the mean of each 1-d tensor)."""
+        return {k: float(v.float().mean()) for k, v in per_sample.items() if isinstance(v, Tensor) and v.ndim == 1}
+
+    def settings(self) -> dict:
+        """The evaluation settings printed with every result (thresholds, alignment, resolution)."""
+        return {}
+
+    def describe(self, batch: dict) -> list[dict]:
+        """Identifying columns of each item of a batch for per-sample result tables."""
+        n = len(batch["image"])
+        rows = [{"index": int(batch["index"][i]) if "index" in batch else i} for i in range(n)]
+        for i, row in enumerate(rows):
+            meta = batch.get("meta", [{}] * n)[i]
+            if "record_index" in meta:
+                row["record_index"] = meta["record_index"]
+            for key in ("subtask", "family", "text"):
+                if key in batch:
+                    row[key] = batch[key][i]
+        return rows
+
+    # -- prediction on user images (``genperc predict``) ------------------------------------
+
+    def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
+        """Conditions for images [B, 3, H, W] in [−1, 1] and prompts, without ground truth:
+        a TaskBatch whose ``x0`` is only a placeholder of the target's shape, and the ``batch`` dict
+        that :meth:`decode` receives. Raise :class:`~genperc.errors.UserError` for a bad prompt."""
+        raise NotImplementedError
+
+    def export(self, prediction: Any, out_dir, image, stem: str = "prediction") -> list:
+        """Write one item's prediction files and visualisations at the size of ``image`` (uint8
+        [H, W, 3], the user's original image); return the paths written."""
+        raise NotImplementedError

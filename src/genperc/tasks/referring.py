@@ -5,16 +5,25 @@ opaque as in ADDP's released code (``alpha`` < 1 blends instead); text = the raw
 input image is the concatenated condition. Decoding: a pixel is mask when its RGB distance to red
 is below ``threshold`` (50 of 255 in ADDP). Metrics per expression k: I_k = |P∧G|, U_k = |P∨G|;
 the split-level oIoU = ΣI/ΣU, mIoU = mean I_k/U_k (0 when U_k = 0), Prec@X = share with IoU ≥ X
-(``strict=True`` uses >). Threshold, comparison and resolution are reported with the result.
+(``strict=True`` uses >). ``eval_resolution`` scores at another resolution: the generated image
+is resized bilinearly before thresholding and the ground-truth mask by nearest neighbour (ADDP
+evaluates at 512×512; None = the generation resolution). Threshold, comparison, alpha and
+resolution are reported with every result (:meth:`ReferringTask.settings`), and the summary is
+split by expression template family (``attribute`` / ``relation`` / ``ordinal`` on the world).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from genperc.errors import UserError
+from genperc.evaluation import metrics as M
 from genperc.tasks.base import Task, TaskBatch
 
 RED = (1.0, -1.0, -1.0)  # pure red in [-1, 1]
@@ -25,10 +34,20 @@ class ReferringTask(Task):
     name: ClassVar[str] = "referring"
     main_metric: ClassVar[str] = "oIoU"
 
-    def __init__(self, threshold: float = 50.0, alpha: float = 1.0, strict: bool = False):
-        self.threshold = threshold
-        self.alpha = alpha
-        self.strict = strict
+    def __init__(self, threshold: float = 50.0, alpha: float = 1.0, strict: bool = False,
+                 eval_resolution: int | None = None):
+        if not 0 < float(threshold) <= 442:
+            raise UserError(f"referring task: threshold={threshold} is not an RGB distance in (0, 442]",
+                            "use e.g. task_options.threshold=50 (ADDP)")
+        if not 0 < float(alpha) <= 1:
+            raise UserError(f"referring task: alpha={alpha} must lie in (0, 1]", "use 1 for ADDP's opaque red")
+        if eval_resolution is not None and int(eval_resolution) < 1:
+            raise UserError(f"referring task: eval_resolution={eval_resolution} must be positive or null",
+                            "e.g. task_options.eval_resolution=512")
+        self.threshold = float(threshold)
+        self.alpha = float(alpha)
+        self.strict = bool(strict)
+        self.eval_resolution = None if eval_resolution is None else int(eval_resolution)
 
     def dataset(self, source, resolution: int):
         from genperc.data.datasets import ReferringDataset
@@ -44,29 +63,62 @@ class ReferringTask(Task):
         return TaskBatch(x0=self.encode_target(batch["image"], batch["mask"]), image=batch["image"],
                          texts=list(batch["text"]), extras={"mask": batch["mask"]})
 
-    def decode(self, x0: Tensor, batch: dict | None = None) -> Tensor:
-        """[B, 3, H, W] in [-1, 1] → bool mask [B, 1, H, W]."""
+    def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
+        prompts = [p.strip() for p in (prompts or [])]
+        if len(prompts) != image.shape[0] or not all(prompts):
+            raise UserError("referring segmentation needs a non-empty referring expression",
+                            'pass --prompt "the red cube left of the sphere"')
+        return TaskBatch(x0=torch.zeros_like(image), image=image, texts=prompts), {"text": prompts}
+
+    def red_distance(self, x0: Tensor) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] → RGB distance to pure red in 0..255 units, [B, 1, H, W]."""
         red = torch.tensor(RED, dtype=x0.dtype, device=x0.device).view(1, 3, 1, 1)
-        dist = ((x0 - red) * 127.5).pow(2).sum(1, keepdim=True).sqrt()  # in 0..255 units
-        return dist < self.threshold
+        return ((x0 - red) * 127.5).pow(2).sum(1, keepdim=True).sqrt()
 
-    def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor]:
+    def decode(self, x0: Tensor, batch: dict | None = None) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] → bool mask [B, 1, H, W] (at ``eval_resolution`` if set)."""
+        x0 = x0.float()
+        if self.eval_resolution is not None and x0.shape[-1] != self.eval_resolution:
+            x0 = F.interpolate(x0, size=(self.eval_resolution, self.eval_resolution), mode="bilinear",
+                               align_corners=False)
+        return self.red_distance(x0) < self.threshold
+
+    def decode_ensemble(self, members: list[Tensor], batch: dict | None = None) -> Tensor:
+        """Majority vote of the members' masks (a tie counts as mask)."""
+        votes = torch.stack([self.decode(m, batch) for m in members]).float().mean(0)
+        return votes >= 0.5
+
+    def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor | list]:
         gt = batch["mask"].to(prediction.device).bool()
-        inter = (prediction & gt).flatten(1).sum(1).float()
-        union = (prediction | gt).flatten(1).sum(1).float()
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
-        return {"I": inter, "U": union, "IoU": iou}
+        if gt.shape[-2:] != prediction.shape[-2:]:
+            gt = F.interpolate(gt.float(), size=prediction.shape[-2:], mode="nearest") > 0.5
+        inter, union = M.mask_intersection_union(prediction, gt)
+        n = prediction.shape[0]
+        return {"I": inter, "U": union, "IoU": M.iou_from(inter, union),
+                "family": list(batch.get("family", ["unknown"] * n))}
 
-    def summarize(self, per_sample: dict[str, Tensor]) -> dict[str, float]:
-        iou = per_sample["IoU"].float()
-        out = {
-            "oIoU": float(per_sample["I"].sum() / per_sample["U"].sum().clamp_min(1)),
-            "mIoU": float(iou.mean()),
-        }
-        for x in PREC_THRESHOLDS:
-            hit = iou > x if self.strict else iou >= x
-            out[f"Prec@{x:.1f}"] = float(hit.float().mean())
+    def summarize(self, per_sample: dict) -> dict[str, float]:
+        inter, union = per_sample["I"], per_sample["U"]
+        out = M.referring_summary(inter, union, PREC_THRESHOLDS, self.strict)
+        out["n"] = float(inter.numel())
+        families = per_sample.get("family")
+        if families:
+            for fam in sorted(set(families)):
+                idx = torch.tensor([f == fam for f in families])
+                for k, v in M.referring_summary(inter[idx], union[idx], PREC_THRESHOLDS, self.strict).items():
+                    out[f"{fam}/{k}"] = v
+                out[f"{fam}/n"] = float(idx.sum())
         return out
 
     def settings(self) -> dict:
-        return {"threshold": self.threshold, "comparison": ">" if self.strict else ">=", "alpha": self.alpha}
+        return {"threshold": self.threshold, "threshold_units": "RGB distance to (255,0,0), 0..255",
+                "comparison": ">" if self.strict else ">=", "alpha": self.alpha,
+                "eval_resolution": self.eval_resolution or "generation resolution"}
+
+    def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
+        """Binary mask PNG (0/255) at the image's size and a red overlay."""
+        from genperc.evaluation import visualize as V
+
+        mask = V.resize_mask(prediction.reshape(prediction.shape[-2:]), image.shape[:2])
+        return [V.save_mask(mask, out_dir / f"{stem}_mask.png"),
+                V.save_rgb(V.upscale(V.overlay_mask(image, mask), 256), out_dir / f"{stem}_overlay.png")]

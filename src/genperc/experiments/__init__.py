@@ -1,0 +1,91 @@
+"""Experiments that reproduce the papers' tables: ``genperc experiment …`` (one typer sub-app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Reproduce the papers' tables on local data (GenRep, …).", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+OVERRIDES_HELP = ("Dotted config overrides, e.g. train.batch_size=64 "
+                  "task_options.genrep.posterior.steps=100")
+
+
+def _threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+@app.command("genrep")
+def genrep(
+    dataset: str = typer.Option("digits", help="digits (scikit-learn) or world (single-object shapes scenes)."),
+    preset: str = typer.Option("cpu", help="cpu (minutes, 16 px digits / 32 px world) or gpu."),
+    seeds: int = typer.Option(3, help="Training seeds per variant (mean ± std)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/genrep-<dataset>-<preset>)."),
+    tables: str = typer.Option("8,9,10,11,13,14", help="Which tables: any of 8,9,10,11,13,14."),
+    world_path: str = typer.Option(None, help="A rendered world directory (default: render one into OUT/data)."),
+    sweep_stages: str = typer.Option(None, help="Tables 9/10 runs: perception (stage 1 only) or full; "
+                                                "default perception on cpu, full on gpu."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default); 1 is fastest when other "
+                                        "jobs share a small machine."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+):
+    """GenRep Tables 8, 9, 10, 11, 13, 14 and the training-time overhead, as markdown (OUT/tables.md)."""
+    from genperc.experiments.genrep import run_experiment
+
+    _threads(threads)
+
+    out = out or Path("runs") / f"genrep-{dataset}-{preset}"
+    if seeds < 1:
+        from genperc.errors import UserError
+
+        raise UserError(f"--seeds {seeds} < 1", "use 1 or more seeds")
+    run_experiment(dataset, preset, seeds, out, tables, list(overrides or []), world_path, sweep_stages,
+                   log=typer.echo)
+    typer.echo(f"tables → {out / 'tables.md'}")
+
+
+@app.command("genrep-train")
+def genrep_train(
+    preset: str = typer.Option("genrep-cpu", help="Config preset (task classification with task_options.genrep)."),
+    run_dir: Path = typer.Option(Path("runs/genrep"), "--run-dir", "-o", help="Output run directory."),
+    evaluate: bool = typer.Option(True, help="Evaluate the unified model on data.val_split afterwards."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+):
+    """Train one GenRep model: generator (unless stages.pretrained), stage 1 and stage 2, in one command."""
+    import json
+
+    from genperc import build
+    from genperc.config import load_config
+    from genperc.diffusion.schedule import NoiseSchedule
+    from genperc.training.genrep import GenRepConfig, open_split, train_genrep
+
+    _threads(threads)
+    cfg = load_config(preset, list(overrides or []))
+    if cfg.task != "classification":
+        from genperc.errors import UserError
+
+        raise UserError(f"GenRep trains the classification task, the config has task={cfg.task}",
+                        "use --preset genrep-cpu or set task=classification")
+    res = train_genrep(cfg, run_dir, log=typer.echo)
+    if evaluate:
+        from genperc.evaluation.genrep import FeatureExtractor, evaluate_genrep, train_feature_net
+
+        gcfg = GenRepConfig.from_run(cfg)
+        task = build.build_task(cfg)
+        train_ds = task.dataset(open_split(cfg, cfg.data.train_split), cfg.data.resolution)
+        eval_ds = task.dataset(open_split(cfg, cfg.data.val_split), cfg.data.resolution)
+        fe = gcfg.eval.feature_extractor
+        extractor = (FeatureExtractor(torchscript=fe.split(":", 1)[1]) if fe.startswith("torchscript:")
+                     else FeatureExtractor(train_feature_net(train_ds, task.num_classes, seed=0)))
+        metrics = evaluate_genrep(res.model, eval_ds, schedule=NoiseSchedule(cfg.diffusion),
+                                  num_classes=task.num_classes, cfg=gcfg.eval, extractor=extractor,
+                                  out_dir=run_dir / "eval", names=task.class_names)
+        (run_dir / "eval" / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        typer.echo(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}, indent=1))
+    typer.echo(f"GenRep model → {run_dir / 'stage2' if res.semantic is not None else run_dir / 'stage1'}")

@@ -1,0 +1,223 @@
+"""The light inference path: load a run directory, evaluate it on a split, predict on one image.
+
+A run directory describes itself (DESIGN.md): ``RUN/config.yaml`` names the task, its options, the
+image space, the text encoder and the sampler defaults, and ``RUN/checkpoints/step-*/{ema,model}``
+hold the weights, so ``genperc eval RUN`` and ``genperc predict RUN --image x.png`` need nothing
+else. Everything task-specific goes through the task codec (``request``, ``decode``, ``export``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genperc import build
+from genperc.config import RunConfig, load_config, load_run_config
+from genperc.errors import UserError
+
+# Modes PIL reads that are not photographs: 16/32-bit single channel (depth maps, label maps).
+REFUSED_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MIN_SIDE = 8
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    task: object
+    model: torch.nn.Module
+    schedule: object
+    space: object
+    text_encoder: object
+    checkpoint: Path
+    weights: str
+    device: torch.device
+    run_dir: Path
+
+    @property
+    def resolution(self) -> int:
+        return int(self.cfg.data.resolution)
+
+
+def load_run(run_dir: str | Path, *, weights: str = "ema", device: str | torch.device | None = None,
+             text_encoder=None, overrides: list[str] | None = None) -> LoadedRun:
+    """Build a run's task, space, text encoder and denoiser from its directory.
+
+    ``weights``: "ema" (default; falls back to "model" when the run kept no EMA) or "model".
+    ``overrides``: dotted config keys applied on top of the saved config (``sample.steps=50``,
+    ``data.path=…``, ``task_options.threshold=40``); architecture keys are ignored by loading."""
+    from genperc.models.denoiser import Denoiser
+
+    if weights not in ("ema", "model"):
+        raise UserError(f"weights={weights!r} is not valid", "use ema or model")
+    run_dir = Path(run_dir)
+    ckpt = build.latest_checkpoint(run_dir)
+    cfg = load_run_config(run_dir)
+    if overrides:
+        cfg = load_config(base=cfg.to_dict(), overrides=list(overrides))
+    wdir = ckpt / weights
+    if weights == "ema" and not wdir.is_dir():
+        weights, wdir = "model", ckpt / "model"
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = build.build_task(cfg)
+    space = build.build_space(cfg).to(device)
+    if text_encoder is None:
+        text_encoder = build.build_text_encoder(cfg, task)
+    model = Denoiser.from_pretrained(wdir, device=device).eval()
+    return LoadedRun(cfg=cfg, task=task, model=model, schedule=build.build_schedule(cfg), space=space,
+                     text_encoder=text_encoder, checkpoint=ckpt, weights=weights, device=device, run_dir=run_dir)
+
+
+def machine_info() -> dict:
+    """The machine a number was measured on (recorded with every result)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _sample_cfg(run: LoadedRun, steps=None, sampler=None, batch_size=None, text_scale=None, image_scale=None):
+    sc = run.cfg.sample
+    changes = {k: v for k, v in dict(steps=steps, sampler=sampler, batch_size=batch_size, text_scale=text_scale,
+                                      image_scale=image_scale).items() if v is not None}
+    if changes.get("sampler", sc.sampler) != "ddim":
+        changes["eta"] = 0.0  # η is DDIM's only
+    return replace(sc, **changes)
+
+
+def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, ensemble: int = 1,
+                 limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None, image_scale=None,
+                 out: str | Path | None = None, progress: bool = False, keep: int = 0):
+    """Evaluate a loaded run on a split of its data; write ``metrics.json`` and ``samples.csv``
+    into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`."""
+    from genperc.data.sources import open_scene_source
+    from genperc.evaluation.evaluate import evaluate
+
+    sample_cfg = _sample_cfg(run, steps, sampler, batch_size, text_scale, image_scale)
+    source = open_scene_source(run.cfg.data, split)
+    dataset = run.task.dataset(source, run.cfg.data.resolution)
+    t0 = time.perf_counter()
+    res = evaluate(run.model, run.task, dataset, schedule=run.schedule, space=run.space,
+                   text_encoder=run.text_encoder, sample_cfg=sample_cfg, device=run.device, seed=seed,
+                   limit=limit, keep=keep, progress=progress, ensemble=ensemble)
+    seconds = time.perf_counter() - t0
+    res.settings.update({"split": split, "data": {"source": run.cfg.data.source, "path": run.cfg.data.path,
+                                                  "resolution": run.cfg.data.resolution},
+                         "checkpoint": str(run.checkpoint), "weights": run.weights, "seconds": round(seconds, 2)})
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"task": run.task.name, "main_metric": run.task.main_metric, "summary": res.summary,
+                   "settings": res.settings, "machine": machine_info(),
+                   "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (out / "metrics.json").write_text(json.dumps(payload, indent=1, default=str))
+        res.write_csv(out / "samples.csv")
+    return res
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def load_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """An 8-bit RGB image as uint8 [H, W, 3] and notes on any conversion; a :class:`UserError` for
+    a missing or unreadable file, a 16/32-bit single-channel image or one smaller than 8 px."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}", "pass the path of a PNG or JPEG file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})", "pass a PNG or JPEG file") from None
+    notes = []
+    if img.mode in REFUSED_MODES:
+        raise UserError(f"{path} is a {img.mode} (16/32-bit single-channel) image, not a photograph",
+                        "pass an 8-bit RGB image (a depth or label map cannot be the input)")
+    if img.mode != "RGB":
+        what = {"RGBA": "alpha channel dropped", "LA": "gray replicated, alpha dropped", "L": "gray replicated to RGB",
+                "P": "palette expanded", "1": "bilevel expanded"}.get(img.mode, "converted")
+        notes.append(f"image mode {img.mode} → RGB ({what})")
+        img = img.convert("RGB")
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise UserError(f"{path} is {w}x{h} pixels, smaller than {MIN_SIDE} on a side", "pass a larger image")
+    return np.asarray(img, dtype=np.uint8).copy(), notes
+
+
+def prepare_image(image: np.ndarray, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """uint8 [H, W, 3] → [1, 3, r, r] in [-1, 1], resized (stretched) to the model's resolution."""
+    from genperc.data.transforms import plan_resize
+
+    h, w = image.shape[:2]
+    notes = []
+    if (h, w) != (resolution, resolution):
+        notes.append(f"image resized from {w}x{h} to the model's {resolution}x{resolution}"
+                     + (" (aspect ratio not kept)" if h != w else "") + f"; predictions are resized back to {w}x{h}")
+    return plan_resize((h, w), resolution, "stretch").image(image)[None], notes
+
+
+@torch.no_grad()
+def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, seed: int = 0, steps=None,
+            sampler=None, ensemble: int = 1, text_scale=None, image_scale=None):
+    """One image (uint8 [H, W, 3]) and prompt → (prediction, generated target [3, r, r], notes)."""
+    from genperc.evaluation.evaluate import sample_targets
+
+    x, notes = prepare_image(image, run.resolution)
+    prompts = [prompt] if prompt is not None else None
+    if not run.task.needs_prompt and prompt:
+        notes.append(f"the {run.task.name} task takes no prompt; '{prompt}' ignored")
+        prompts = None
+    tb, batch = run.task.request(x, prompts)
+    generator = torch.Generator().manual_seed(seed)
+    members = sample_targets(run.model, run.task, tb, schedule=run.schedule, space=run.space,
+                             text_encoder=run.text_encoder, sample_cfg=_sample_cfg(run, steps, sampler, None,
+                                                                                   text_scale, image_scale),
+                             generator=generator, device=run.device, ensemble=ensemble)
+    pred = run.task.decode(members[0], batch) if ensemble == 1 else run.task.decode_ensemble(members, batch)
+    return pred[0], members[0][0], notes
+
+
+def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, prompt: str | None = None, *,
+                  seed: int = 0, steps=None, sampler=None, ensemble: int = 1, stem: str = "prediction",
+                  text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
+    """``genperc predict``: read the image, predict, write the task's files, the generated target
+    image and ``<stem>.json`` (what was done) into ``out``. Returns (paths, notes)."""
+    from genperc.evaluation import visualize as V
+
+    image, notes = load_image(image_path)
+    pred, generated, more = predict(run, image, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble,
+                                    text_scale=text_scale, image_scale=image_scale)
+    notes += more
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = run.task.export(pred, out, image, stem=stem)
+    paths.append(V.save_rgb(V.upscale(V.to_uint8(generated), 256), out / f"{stem}_generated.png"))
+    info = {"image": str(image_path), "prompt": prompt, "task": run.task.name, "run": str(run.run_dir),
+            "checkpoint": str(run.checkpoint), "weights": run.weights, "seed": seed, "ensemble": ensemble,
+            "sampler": sampler or run.cfg.sample.sampler, "steps": steps or run.cfg.sample.steps,
+            "files": [p.name for p in paths], "notes": notes}
+    if isinstance(pred, dict) and "subtask" in pred:
+        info["subtask"] = pred["subtask"]
+    meta = out / f"{stem}.json"
+    meta.write_text(json.dumps(info, indent=1))
+    return [*paths, meta], notes

@@ -1,0 +1,162 @@
+"""Monocular depth as image generation, Marigold style (Ke et al. 2024, §3; ADDP §2, §4.2).
+
+* **Target**: per-sample normalisation of the valid depth by its 2% and 98% percentiles,
+  d̃ = clip((d − q2)/(q98 − q2)·2 − 1, −1, 1), replicated to 3 channels (Marigold §3.2). Invalid
+  pixels are set to +1 (the far end): the one trainer has no masked loss, so they are part of the
+  target (with the shapes world every pixel is valid). ``space="disparity"`` normalises 1/d instead
+  (and evaluates with disparity alignment) — for models that predict affine-invariant disparity.
+* **Conditions**: the RGB image, concatenated to the noisy target (a pretrained ``conv_in`` is
+  widened by tiling ×0.5, Marigold §3.3); the text is Marigold's null prompt "" (with
+  ``model.text_encoder=none`` the denoiser has no cross-attention at all; a pretrained Stable
+  Diffusion UNet needs its CLIP text encoder, ``model.text_encoder=<dir>``).
+* **Parameterisation**: the CPU presets use x0-prediction (the one ADDP recommends with its
+  augmentation, ADDP §3.2); Marigold uses v-prediction — ``diffusion.prediction_type=v``.
+* **Decode**: the channel mean, an affine-invariant depth in [−1, 1] (near = −1).
+* **Test-time ensemble** (Marigold §3.4): each of N members gets its own scale and shift;
+  minimise the RMS of all pairwise differences of the aligned members plus
+  0.02·(|min m| + |1 − max m|) on their per-pixel median m (members mapped to [0, 1] first and
+  initialised to span [0, 1]), by L-BFGS; the result is the median, renormalised to [0, 1].
+* **Metrics** (Marigold's evaluation): :func:`genperc.evaluation.metrics.depth_metrics` — LSQ scale
+  and shift over valid pixels, clip to ``[min_depth, max_depth]`` and ≥ 1e-6, AbsRel, SqRel,
+  RMSE, RMSE-log, log10, δ1–3 (strict), SIlog, per image then averaged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from genperc.errors import UserError
+from genperc.evaluation import metrics as M
+from genperc.tasks.base import Task, TaskBatch
+
+
+def normalise_depth(depth: Tensor, valid: Tensor, low: float = 0.02, high: float = 0.98,
+                    space: str = "depth") -> Tensor:
+    """[B, 1, H, W] metric depth → [B, 1, H, W] in [−1, 1] by per-sample percentiles over valid
+    pixels (Marigold §3.2); invalid pixels → +1 (far). ``space="disparity"`` normalises −1/d, so
+    that near is −1 in both spaces."""
+    out = torch.ones_like(depth, dtype=torch.float32)
+    for i in range(depth.shape[0]):
+        v = valid[i].bool() & (depth[i] > 0) & torch.isfinite(depth[i])
+        if not v.any():
+            continue
+        d = depth[i].float()
+        x = d if space == "depth" else -1.0 / d.clamp_min(1e-6)
+        vals = x[v]
+        lo, hi = torch.quantile(vals, low), torch.quantile(vals, high)
+        norm = ((x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1).clamp(-1, 1)
+        out[i] = torch.where(v, norm, out[i])
+    return out
+
+
+def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50) -> Tensor:
+    """Marigold's test-time ensemble of affine-invariant predictions ``members`` [N, H, W] (any
+    range) → [H, W] in [0, 1] (see the module docstring). N = 1 returns the member normalised."""
+    x = members.double()
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    scale0 = 1.0 / (hi - lo).clamp_min(1e-8)
+    if n == 1:
+        return ((x[0] - lo[0]) * scale0[0]).float()
+    s = scale0.clone().requires_grad_(True)
+    t = (-lo * scale0).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([s, t], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+    iu = torch.triu_indices(n, n, offset=1)
+
+    def objective():
+        aligned = flat * s[:, None] + t[:, None]
+        diffs = aligned[iu[0]] - aligned[iu[1]]
+        pairwise = (diffs.pow(2).mean() + 1e-12).sqrt()  # eps: finite gradient when members agree
+        m = aligned.median(0).values
+        return pairwise + reg * (m.min().abs() + (1 - m.max()).abs())
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        if not (torch.isfinite(s).all() and torch.isfinite(t).all()):  # optimiser failure: start values
+            s, t = scale0, -lo * scale0
+        m = (flat * s[:, None] + t[:, None]).median(0).values
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
+    return m.reshape(x.shape[1:]).float()
+
+
+class DepthTask(Task):
+    name: ClassVar[str] = "depth"
+    main_metric: ClassVar[str] = "AbsRel"
+    needs_prompt: ClassVar[bool] = False
+    widen_mode: ClassVar[str] = "tile"  # Marigold: a pretrained conv_in tiled over image + depth, ×0.5
+
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 100.0, space: str = "depth",
+                 percentiles: tuple[float, float] | list = (0.02, 0.98), ensemble_reg: float = 0.02):
+        if space not in ("depth", "disparity"):
+            raise UserError(f"depth task: space={space!r} is not valid", "use task_options.space=depth or disparity")
+        if not 0 < float(min_depth) < float(max_depth):
+            raise UserError(f"depth task: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}",
+                            "set task_options.min_depth / max_depth to the data set's valid range")
+        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.space = space
+        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+        self.ensemble_reg = float(ensemble_reg)
+
+    def dataset(self, source, resolution: int):
+        from genperc.data.datasets import DepthDataset
+
+        return DepthDataset(source, resolution=resolution)
+
+    def encode_target(self, depth: Tensor, valid: Tensor) -> Tensor:
+        d = normalise_depth(depth, valid, *self.percentiles, space=self.space)
+        return d.expand(-1, 3, -1, -1).contiguous()
+
+    def prepare(self, batch: dict) -> TaskBatch:
+        image = batch["image"]
+        return TaskBatch(x0=self.encode_target(batch["depth"], batch["valid"]).to(image.device), image=image,
+                         texts=[""] * image.shape[0], extras={"valid": batch["valid"]})
+
+    def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
+        return TaskBatch(x0=torch.zeros_like(image), image=image, texts=[""] * image.shape[0]), {}
+
+    def decode(self, x0: Tensor, batch: dict | None = None) -> Tensor:
+        """[B, 3, H, W] → affine-invariant depth [B, 1, H, W] (channel mean, Marigold)."""
+        return x0.float().mean(1, keepdim=True)
+
+    def decode_ensemble(self, members: list[Tensor], batch: dict | None = None) -> Tensor:
+        """N generated images per item → the Marigold ensemble, mapped back to [−1, 1]."""
+        decoded = torch.stack([self.decode(m) for m in members])  # [N, B, 1, H, W]
+        out = [ensemble_depth(decoded[:, b, 0], reg=self.ensemble_reg) * 2 - 1 for b in range(decoded.shape[1])]
+        return torch.stack(out)[:, None]
+
+    def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor]:
+        # in disparity space the prediction is affine in −1/d: the least-squares scale takes the sign
+        return M.depth_metrics(prediction, batch["depth"], batch["valid"], alignment=self.space,
+                               min_depth=self.min_depth, max_depth=self.max_depth)
+
+    def settings(self) -> dict:
+        return {"alignment": "least squares in " + self.space + " space", "depth_range": [self.min_depth, self.max_depth],
+                "normalisation_percentiles": list(self.percentiles), "delta": "strict <",
+                "ensemble": f"Marigold (per-member scale+shift, median, reg {self.ensemble_reg:g})"}
+
+    # -- prediction files -------------------------------------------------------------------
+
+    def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
+        """16-bit PNG of the affine-invariant depth (0 = near, 65535 = far) and a colourised PNG."""
+        from genperc.evaluation import visualize as V
+
+        d = prediction.reshape(prediction.shape[-2:]).float()
+        d01 = ((d + 1) / 2).clamp(0, 1)
+        d01 = V.resize_float(d01, image.shape[:2])
+        paths = [V.save_png16(d01, out_dir / f"{stem}_depth16.png"),
+                 V.save_rgb(V.colorize_depth(d01), out_dir / f"{stem}_depth_color.png")]
+        return paths

@@ -1,0 +1,57 @@
+"""The demo's trivial baselines on the rendered fixture world, and (slow) the demo end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genperc.data.transforms import plan_resize
+from genperc.data.world import WorldSource
+from genperc.demo import head_noun_mask, pick_examples, trivial_baselines
+from genperc.tasks import create_task
+
+FIXTURE = Path(__file__).parent / "fixtures" / "world" / "multi32"
+
+
+@pytest.fixture(scope="module")
+def val():
+    return create_task("referring").dataset(WorldSource(FIXTURE, split="val"), 32)
+
+
+def test_named_shape_mask_reads_the_head_noun(val):
+    rec = val.source[0]
+    plan = plan_resize(rec.image.shape[:2], 32)
+    ids = {o.category: [p.id for p in rec.objects if p.category == o.category] for o in rec.objects}
+    for text, head in [("the sphere left of the large red object", "sphere"), ("the second cube from the back", "cube"),
+                       ("the small green metal cube", "cube")]:
+        want = torch.from_numpy(plan.labels(rec.object_mask(ids[head])))
+        assert torch.equal(head_noun_mask(rec, text, plan)[0, 0], want)
+    every = torch.from_numpy(plan.labels(rec.object_mask([o.id for o in rec.objects])))
+    assert torch.equal(head_noun_mask(rec, "the purple object", plan)[0, 0], every)
+
+
+def test_trivial_baselines_score_the_same_items(val):
+    task = create_task("referring")
+    res = trivial_baselines(val, task, limit=40)
+    assert res["empty mask"]["oIoU"] == 0 and res["empty mask"]["n"] == 40
+    named = res["named shape"]
+    assert 0 < named["oIoU"] < 1 and named["n"] == 40
+    assert {"attribute/oIoU", "relation/oIoU", "ordinal/oIoU"} <= set(named)
+    picks = pick_examples(val, 3)
+    fams = [val[i]["family"] for i in picks]
+    assert len(set(fams)) == 3 and len({val[i]["meta"]["record_index"] for i in picks}) == 3
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    from genperc.demo import run_demo
+
+    report = run_demo(tmp_path, minutes=0.05, train_scenes=6, val_scenes=2, eval_limit=6, examples=2,
+                      workers=1, overrides=["train.batch_size=4", "sample.steps=2", "train.log_every=1"])
+    assert {"model", "empty mask", "named shape"} <= set(report)
+    html = (tmp_path / "report.html").read_text()
+    assert "named shape" in html and "predictions/00_overlay.png" in html and "training_curve.png" in html
+    assert (tmp_path / "predictions" / "01_mask.png").exists() and (tmp_path / "training_curve.png").exists()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["settings"]["items"] == 6 and saved["machine"]["cores"] >= 1

@@ -1,0 +1,110 @@
+"""`genperc eval` and `genperc predict` end to end on tiny runs of the three ADDP tasks, and their
+one-line user errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genperc.cli import main
+from genperc.config import load_config
+from genperc.data.toy import ToyShapes
+from genperc.inference import evaluate_run, load_run, predict_files
+from genperc.training.trainer import Trainer
+
+TINY = ["data.resolution=16", "model.sample_size=16", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
+        "train.progress=false", "train.checkpoint_every=2", "model.text_max_length=8", "sample.steps=2",
+        "sample.batch_size=8", "data.options={size: 6}"]
+PRESETS = {"depth": "cpu-depth", "referring": "cpu-tiny", "generalist": "cpu-generalist"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_encoder):
+    out = {}
+    root = tmp_path_factory.mktemp("runs")
+    for task, preset in PRESETS.items():
+        cfg = load_config(preset, TINY)
+        Trainer(cfg, root / task, train_source=ToyShapes(size=6, resolution=16),
+                text_encoder=text_encoder if task != "depth" else None).train()
+        out[task] = root / task
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(ToyShapes(size=1, resolution=24, split="test")[0].image).save(path)
+    return path
+
+
+@pytest.mark.parametrize("task", list(PRESETS))
+def test_evaluate_run_writes_metrics_and_per_sample_rows(runs, task, text_encoder, tmp_path):
+    run = load_run(runs[task], text_encoder=text_encoder if task != "depth" else None)
+    res = evaluate_run(run, "val", limit=5, out=tmp_path, ensemble=2 if task == "depth" else 1)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["task"] == task and data["summary"] == pytest.approx(res.summary, nan_ok=True)
+    assert data["settings"]["task_settings"] and data["machine"]["cores"] >= 1
+    assert data["settings"]["steps"] == 2 and data["settings"]["items"] == 5
+    rows = list(csv.DictReader((tmp_path / "samples.csv").open()))
+    assert len(rows) == 5 and "index" in rows[0]
+    main_key = {"depth": "AbsRel", "referring": "oIoU", "generalist": "depth/AbsRel"}[task]
+    assert main_key in res.summary
+
+
+def test_eval_cli_prints_and_writes(runs, tmp_path, capsys):
+    rc = main(["eval", str(runs["referring"]), "--limit", "3", "--steps", "1", "--sampler", "euler-a",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "oIoU" in text and "threshold=50.0" in text
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    assert settings["sampler"] == "euler-a" and settings["steps"] == 1
+
+
+@pytest.mark.parametrize("task,prompt,files", [
+    ("depth", None, ["prediction_depth16.png", "prediction_depth_color.png"]),
+    ("referring", "the disc", ["prediction_mask.png", "prediction_overlay.png"]),
+    ("generalist", "detect the square", ["prediction_boxes.json", "prediction_boxes.png"]),
+])
+def test_predict_writes_task_files_at_the_input_size(runs, image_png, task, prompt, files, tmp_path, text_encoder):
+    run = load_run(runs[task], text_encoder=text_encoder if task != "depth" else None)
+    paths, notes = predict_files(run, image_png, tmp_path, prompt)
+    names = {p.name for p in paths}
+    assert set(files) <= names and "prediction_generated.png" in names and "prediction.json" in names
+    assert any("resized from 24x24" in n for n in notes)
+    first = Image.open(tmp_path / files[0]) if files[0].endswith(".png") else None
+    if task == "depth":
+        assert first.mode.startswith("I;16") and first.size == (24, 24)
+    if task == "referring":
+        arr = np.asarray(first)
+        assert first.size == (24, 24) and set(np.unique(arr)) <= {0, 255}
+    if task == "generalist":
+        boxes = json.loads((tmp_path / files[0]).read_text())
+        assert boxes["label"] == "square" and isinstance(boxes["boxes"], list)
+
+
+def test_user_errors_are_one_line(runs, image_png, tmp_path, capsys):
+    img16 = tmp_path / "depth16.png"
+    Image.fromarray(np.zeros((20, 20), np.uint16)).save(img16)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tiny)
+    (tmp_path / "not-an-image.png").write_text("hello")
+    cases = [
+        ["eval", str(tmp_path / "missing-run")],
+        ["predict", str(tmp_path / "missing-run"), "--image", str(image_png)],
+        ["predict", str(runs["referring"]), "--image", str(tmp_path / "nope.png"), "--prompt", "x"],
+        ["predict", str(runs["referring"]), "--image", str(image_png)],  # empty prompt
+        ["predict", str(runs["referring"]), "--image", str(image_png), "--prompt", "  "],
+        ["predict", str(runs["referring"]), "--image", str(img16), "--prompt", "the disc"],
+        ["predict", str(runs["referring"]), "--image", str(tiny), "--prompt", "the disc"],
+        ["predict", str(runs["referring"]), "--image", str(tmp_path / "not-an-image.png"), "--prompt", "x"],
+        ["predict", str(runs["generalist"]), "--image", str(image_png), "--prompt", "hello"],
+        ["eval", str(runs["depth"]), "--ensemble", "0", "--limit", "1"],
+    ]
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv + ["--out", str(tmp_path / "o")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (argv, err)

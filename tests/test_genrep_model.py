@@ -1,0 +1,160 @@
+"""GenRep's unified model: feature taps and heads, Eq. 6–9 modulation, the hybrid loss, persistence."""
+
+import math
+
+import pytest
+import torch
+
+from genperc.diffusion.conditioning import Conditioning
+from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
+from genperc.models.heads import FeatureTaps, HeadConfig, PerceptionHeads, default_taps
+from genperc.models.presets import create_denoiser
+from genperc.models.semantic import GenRepModel, SemanticConfig, build_genrep_model, rep_align_loss
+from genperc.training.objectives import (
+    HybridDiffusionObjective,
+    discretized_gaussian_log_likelihood,
+    learned_log_variance,
+)
+from genperc.training.strategies import StepContext
+
+SCHED = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, learned_variance=True,
+                                      prediction_type="eps"))
+
+
+def unet(size=8, k=3):
+    return create_denoiser("unet-tiny", sample_size=size, in_channels=3, num_classes=k, learned_variance=True, seed=0)
+
+
+def genrep(heads=None, sem=None, k=3):
+    return build_genrep_model(unet(k=k), k, SCHED, heads or HeadConfig(segmentation=4, depth=True),
+                              sem or SemanticConfig())
+
+
+def test_taps_on_unet_and_dit_and_heads_shapes():
+    d = unet()
+    taps = FeatureTaps(d)
+    assert taps.names == default_taps(d) == ["up0", "up1", "up2"]
+    ch = taps.channels(d)
+    heads = PerceptionHeads(ch, 3, HeadConfig(segmentation=4, depth=True))
+    d(torch.randn(2, 3, 8, 8), torch.tensor([0, 0]), Conditioning(class_labels=torch.tensor([0, 1])))
+    out = heads(taps.pop(), (8, 8))
+    assert out["logits"].shape == (2, 3) and out["segmentation"].shape == (2, 4, 8, 8)
+    assert out["depth"].shape == (2, 1, 8, 8) and (out["depth"] > 0).all()
+    dit = create_denoiser("dit-small", sample_size=8, in_channels=3, num_classes=3, learned_variance=True, seed=0,
+                          num_layers=4, num_attention_heads=2, attention_head_dim=8)
+    dt = FeatureTaps(dit)
+    assert dt.names == ["blk2", "blk3"] and set(dt.channels(dit).values()) == {16}
+    pooled = PerceptionHeads(dt.channels(dit), 3, HeadConfig(fusion="pool", classifier="mlp"))
+    dit(torch.randn(2, 3, 8, 8), torch.tensor([0, 0]))
+    assert pooled(dt.pop(), (8, 8))["logits"].shape == (2, 3)
+
+
+def test_cosine_head_uses_text_embeddings():
+    text = torch.eye(3, 5)
+    heads = PerceptionHeads({"a": 4}, 3, HeadConfig(classifier="cosine"), text_embeddings=text)
+    logits = heads({"a": torch.randn(2, 4, 3, 3)}, (3, 3))["logits"]
+    assert logits.shape == (2, 3) and logits.abs().max() <= math.exp(2.302585) + 1e-4
+
+
+def test_zero_initialised_modulation_leaves_the_denoiser_unchanged_and_perceive_works():
+    m = genrep().eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    cond = Conditioning(class_labels=torch.tensor([0, 2]))
+    assert torch.allclose(m(x, t, cond), m.denoiser(x, t, cond))
+    out = m.perceive(x)
+    assert out["logits"].shape == (2, 3) and "mid" in m.last_features
+    m.generation = False
+    assert torch.count_nonzero(m(x, t, cond)) == 0
+
+
+def test_variance_factor_multiplies_the_learned_variance_exactly():
+    m = genrep().eval()
+    torch.nn.init.constant_(m.modulation.var_mlp[-1].bias, 0.4)  # g = 0.4 → variance × e^0.4
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 700])
+    cond = Conditioning(class_labels=torch.tensor([0, 1]))
+    base, mod = m.denoiser(x, t, cond), m(x, t, cond)
+    assert torch.allclose(base[:, :3], mod[:, :3])
+    lv_base = learned_log_variance(SCHED, base[:, 3:], t)
+    lv_mod = learned_log_variance(SCHED, mod[:, 3:], t)
+    assert torch.allclose(lv_mod - lv_base, torch.full_like(lv_base, 0.4), atol=2e-3)
+    # and diffusers' single-step DDPM (learned_range) sees the same factor
+    sch = SCHED.make_scheduler("ddpm")
+    sch.set_timesteps(1000)
+    v_b, v_m = base[:1, 3:], mod[:1, 3:]
+    r = sch._get_variance(3, predicted_variance=v_m) - sch._get_variance(3, predicted_variance=v_b)
+    assert torch.allclose(r, torch.full_like(r, 0.4), atol=2e-3)
+
+
+def test_mean_correction_uses_x_sem_in_training_and_x_t_at_inference():
+    m = genrep()
+    with torch.no_grad():
+        m.modulation.weight.normal_()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([100])
+    cond = Conditioning(class_labels=torch.tensor([1]))
+    sem = torch.zeros_like(x)
+    m.attach_semantic(lambda *_: sem)
+    train_out = m.train()(x, t, cond)
+    m.eval()
+    infer = m(x, t, cond)
+    explicit = m(x, t, cond.replace(semantic=x))
+    assert torch.allclose(infer, explicit) and not torch.allclose(train_out, infer)
+    assert "_semantic_source" not in dict(m.named_modules())
+
+
+def test_save_load_and_clone_are_independent(tmp_path):
+    m = genrep(HeadConfig(classifier="mlp"))
+    with torch.no_grad():
+        m.modulation.weight.normal_()
+    m.save_pretrained(tmp_path / "g")
+    back = GenRepModel.from_pretrained(tmp_path / "g")
+    for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    c = m.clone()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(c.perceive(x)["logits"], m.perceive(x)["logits"])
+    c.perceive(x)
+    assert c.taps.features == {} and m.taps.features == {}  # each model's hooks write to its own taps
+
+
+def test_rep_align_loss_is_minus_one_for_aligned_features():
+    a = torch.randn(2, 4, 4, 4)
+    assert float(rep_align_loss(a, torch.nn.functional.interpolate(a, size=(8, 8)))) == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_discretized_likelihood_sums_to_one():
+    levels = torch.linspace(-1, 1, 256)
+    mean, lv = torch.full((256,), 0.13), torch.full((256,), math.log(0.05))
+    assert float(discretized_gaussian_log_likelihood(levels, mean, lv).exp().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_hybrid_loss_detaches_the_mean_in_the_vlb_and_is_zero_at_the_truth():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([5, 50, 400, 999])
+    x_t = SCHED.add_noise(x0, noise, t)
+    eps = noise.clone().requires_grad_(True)
+    v = -torch.ones_like(x0, requires_grad=True)  # frac 0 → log β̃_t: the true posterior variance
+    out = torch.cat([eps, v], 1)
+    ctx = StepContext(output=out, x0=x0, x_t=x_t, noise=noise, t=t, weights=None, schedule=SCHED,
+                      cond=Conditioning(), model=None)
+    losses = HybridDiffusionObjective(0.001)(ctx)
+    assert float(losses["simple"].detach()) < 1e-10 and abs(float(losses["vlb"].detach())) < 1e-4
+    v2 = torch.zeros_like(x0, requires_grad=True)
+    ctx.output = torch.cat([eps + 0.1, v2], 1)
+    losses = HybridDiffusionObjective(0.001)(ctx)
+    (g_eps,) = torch.autograd.grad(losses["vlb"], [eps], retain_graph=True)
+    (g_v,) = torch.autograd.grad(losses["vlb"], [v2])
+    assert torch.count_nonzero(g_eps) == 0 and torch.count_nonzero(g_v) > 0
+
+
+def test_genrep_model_on_a_dit_backbone():
+    dit = create_denoiser("dit-small", sample_size=8, in_channels=3, num_classes=3, learned_variance=True, seed=0,
+                          num_layers=3, num_attention_heads=2, attention_head_dim=8)
+    m = build_genrep_model(dit, 3, SCHED, HeadConfig(width=8), SemanticConfig(projector_hidden=8))
+    assert m.student_tap == "blk1" and len(m.attention_parameters()) == 3 * 8  # q, k, v, out (w + b) per block
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 900])
+    out = m(x, t, Conditioning(class_labels=torch.tensor([0, 2])))
+    assert out.shape == (2, 6, 8, 8) and m.perceive(x)["logits"].shape == (2, 3)
+    assert m.projector(m.last_features["blk1"]).shape[1] == m.tap_channels[m.target_tap]

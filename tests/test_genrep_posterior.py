@@ -1,0 +1,120 @@
+"""The Monte-Carlo generative posterior (GenRep Eq. 1–3): states kept, log-sum-exp, shared noise, Bayes."""
+
+import math
+
+import pytest
+import torch
+
+from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
+from genperc.errors import UserError
+from genperc.training.posterior import (
+    PosteriorCache,
+    PosteriorConfig,
+    chain_log_densities,
+    fit_temperature,
+    gaussian_log_density,
+    generative_posterior,
+    kept_states,
+    posterior_from_log_densities,
+)
+
+SCHED = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, learned_variance=True,
+                                      prediction_type="eps"))
+
+
+def test_kept_states_follow_algorithm_1_or_the_burn_in_anchor():
+    # Algorithm 1: t = S..1, keep t < S - m + 1 and t mod k == 0  (t = S - index)
+    assert kept_states(10, 2, 2, "end").tolist() == [2, 4, 6, 8]
+    assert kept_states(9, 2, 2, "end").tolist() == [3, 5, 7]  # the last state (t = 1) is not kept for k = 2
+    assert kept_states(9, 2, 2, "start").tolist() == [2, 4, 6, 8]
+    assert kept_states(6, 0, 1).tolist() == list(range(6))
+    with pytest.raises(UserError, match="leave no state"):
+        kept_states(4, 4, 1)
+
+
+def test_gaussian_log_density_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    x, mu = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    lv = torch.randn(3, 2, 4, 4, generator=g) * 0.3
+    ref = torch.distributions.Normal(mu, (0.5 * lv).exp()).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(gaussian_log_density(x, mu, lv), ref, atol=1e-4)
+
+
+def test_mixture_is_log_mean_exp_and_bayes_uniform_prior():
+    ld = torch.tensor([[[-1000.0, -1001.0, -5000.0], [-1003.0, -1002.0, -1004.0]]], dtype=torch.float64)
+    kept = torch.tensor([0, 1])
+    log_lik, log_post = posterior_from_log_densities(ld, kept)
+    direct = [math.log((math.exp(0) + math.exp(-1)) / 2) - 1000, math.log((math.exp(-1) + math.exp(0)) / 2) - 1002]
+    assert torch.allclose(log_lik[0], torch.tensor(direct, dtype=torch.float64))
+    p = log_post.exp()[0]
+    assert float(p.sum()) == pytest.approx(1.0)
+    assert float(p[0]) == pytest.approx(1 / (1 + math.exp(-2)))
+    # the temperature softens: τ → ∞ gives the uniform prior back
+    _, soft = posterior_from_log_densities(ld, kept, temperature=1e9)
+    assert torch.allclose(soft.exp(), torch.full((1, 2), 0.5, dtype=torch.float64))
+
+
+class ClassBlind:
+    """ε-prediction that ignores the class, with a learned-variance channel."""
+
+    def __call__(self, x, t, cond):
+        return torch.cat([0.3 * x, torch.zeros_like(x)], 1)
+
+
+class ClassPulls:
+    """x̂0 = class-specific constant image: ε-prediction consistent with that x̂0."""
+
+    def __init__(self, levels):
+        self.levels = torch.tensor(levels)
+
+    def __call__(self, x, t, cond):
+        x0 = self.levels[cond.class_labels].view(-1, 1, 1, 1).expand_as(x).to(x.dtype)
+        eps = SCHED.convert(x0, "x0", "eps", x, t)
+        return torch.cat([eps, torch.zeros_like(x)], 1)
+
+
+def test_shared_noise_makes_class_blind_chains_identical():
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    ld, ts = chain_log_densities(ClassBlind(), x, [0, 1, 2], schedule=SCHED, steps=8,
+                                 generator=torch.Generator().manual_seed(2))
+    assert ld.shape == (3, 3, 8) and ts.tolist()[-1] == 0 and torch.isfinite(ld).all()
+    assert torch.equal(ld[:, 0], ld[:, 1]) and torch.equal(ld[:, 0], ld[:, 2])
+    res = generative_posterior(ClassBlind(), x, [0, 1, 2], schedule=SCHED, steps=8, burn_in=2, thinning=2,
+                               generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(res.posterior, torch.full((3, 3), 1 / 3, dtype=res.posterior.dtype))
+
+
+def test_the_right_class_wins_and_batching_does_not_matter():
+    x = torch.full((2, 1, 4, 4), 0.8)
+    x[1] = -0.8
+    model = ClassPulls([-0.8, 0.0, 0.8])
+    kw = dict(schedule=SCHED, steps=10, burn_in=3, thinning=2, temperature=1.0)
+    res = generative_posterior(model, x, [0, 1, 2], generator=torch.Generator().manual_seed(3), **kw)
+    assert res.log_posterior.argmax(-1).tolist() == [2, 0]
+    small = generative_posterior(model, x, [0, 1, 2], generator=torch.Generator().manual_seed(3), batch_size=3, **kw)
+    assert torch.allclose(small.log_densities, res.log_densities)
+
+
+def test_fit_temperature_and_cache_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (64,), generator=g)
+    ld = torch.randn(64, 4, 6, generator=g, dtype=torch.float64) * 300
+    ld[torch.arange(64), labels] += 400  # informative but noisy, on a scale of hundreds of nats
+    kept = torch.arange(6)
+    tau = fit_temperature(ld, labels, kept)
+    assert 1 < tau < 1e5
+    cache = PosteriorCache(10, 4, 6)
+    cache.put(torch.tensor([1, 3]), ld[:2], step=5, timesteps=torch.arange(6))
+    cache.save(tmp_path / "c.safetensors")
+    c2 = PosteriorCache.load(tmp_path / "c.safetensors")
+    hit, got = c2.lookup(torch.tensor([3, 2, 1]))
+    assert hit.tolist() == [True, False, True] and torch.equal(got[0], ld[1])
+    hit, _ = c2.lookup(torch.tensor([1]), step=20, max_age=10)
+    assert hit.tolist() == [False]
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="thinning_anchor"):
+        PosteriorConfig(thinning_anchor="middle")
+    with pytest.raises(UserError, match="fraction"):
+        PosteriorConfig(fraction=0)
