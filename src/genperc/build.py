@@ -61,6 +61,7 @@ def build_model(cfg: RunConfig, task: Task, space, text_encoder):
         in_channels=target_ch,
         cond_channels=cond_ch,
         text_dim=text_dim,
+        num_classes=getattr(task, "num_classes", 0),
         learned_variance=cfg.diffusion.learned_variance,
         seed=cfg.train.seed,
     )

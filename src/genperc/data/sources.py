@@ -15,7 +15,7 @@ def open_scene_source(cfg, split: str):
 
         size = opts.pop("size", 2048 if split == "train" else 128)
         return ToyShapes(size=size, resolution=cfg.resolution, split=split, **opts)
-    if cfg.path is None:
+    if cfg.path is None and cfg.source != "digits":  # the digits ship with scikit-learn
         raise UserError(f"data.source={cfg.source} needs data.path", f"add data.path=<directory of the {cfg.source} data>")
     if cfg.source == "world":
         from genperc.data.world.format import WorldSource

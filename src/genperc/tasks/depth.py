@@ -125,6 +125,12 @@ class DepthTask(Task):
         return TaskBatch(x0=self.encode_target(batch["depth"], batch["valid"]).to(image.device), image=image,
                          texts=[""] * image.shape[0], extras={"valid": batch["valid"]})
 
+    def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ADDP §3.2 diffusion-tailored augmentation (``genperc.tasks.augment``); identity at intensity 0."""
+        from genperc.tasks.augment import augment_depth_batch
+
+        return augment_depth_batch(self, tb, t, generator)
+
     def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
         return TaskBatch(x0=torch.zeros_like(image), image=image, texts=[""] * image.shape[0]), {}
 

@@ -63,6 +63,12 @@ class ReferringTask(Task):
         return TaskBatch(x0=self.encode_target(batch["image"], batch["mask"]), image=batch["image"],
                          texts=list(batch["text"]), extras={"mask": batch["mask"]})
 
+    def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ADDP §3.2 diffusion-tailored augmentation (``genperc.tasks.augment``); identity at intensity 0."""
+        from genperc.tasks.augment import augment_referring_batch
+
+        return augment_referring_batch(self, tb, t, generator)
+
     def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
         prompts = [p.strip() for p in (prompts or [])]
         if len(prompts) != image.shape[0] or not all(prompts):

@@ -195,15 +195,17 @@ class _inference:
 
     def __enter__(self):
         m = self.model
-        self.state = (m.training, getattr(m, "generation", None))
-        m.eval()
+        self.state = (getattr(m, "training", None), getattr(m, "generation", None))
+        if self.state[0] is not None:
+            m.eval()
         if self.state[1] is not None:
             m.generation = True
         return m
 
     def __exit__(self, *exc):
         m = self.model
-        m.train(self.state[0])
+        if self.state[0] is not None:
+            m.train(self.state[0])
         if self.state[1] is not None:
             m.generation = self.state[1]
         return False

@@ -81,6 +81,7 @@ class StepContext:
     schedule: NoiseSchedule
     cond: Conditioning
     model: torch.nn.Module
+    batch: object = None  # the TaskBatch (labels, extras) for objectives that need ground truth
 
 
 class DiffusionObjective:

@@ -133,7 +133,11 @@ class Trainer:
     def null_conditioning(self) -> Conditioning:
         """The null text (embedding of "") used by conditioning dropout."""
         if self._null is None:
-            self._null = build.null_conditioning(self.text_encoder, self.accelerator.device)
+            null = build.null_conditioning(self.text_encoder, self.accelerator.device)
+            num_classes = getattr(getattr(self.unwrapped, "config", None), "num_classes", 0) or 0
+            if num_classes:  # the null class is index num_classes (models.denoiser)
+                null = null.replace(class_labels=torch.tensor([num_classes], device=self.accelerator.device))
+            self._null = null
         return self._null
 
     def _loader(self) -> DataLoader:
@@ -166,7 +170,7 @@ class Trainer:
         with self.accelerator.autocast():
             out = self.model(x_t, t, cond)
         ctx = StepContext(output=out, x0=x0, x_t=x_t, noise=noise, t=t, weights=weights,
-                          schedule=self.schedule, cond=cond, model=self.model)
+                          schedule=self.schedule, cond=cond, model=self.model, batch=tb)
         losses: dict[str, torch.Tensor] = {}
         for objective in self.objectives:
             losses.update(objective(ctx))
