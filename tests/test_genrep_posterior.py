@@ -118,3 +118,23 @@ def test_config_checks():
         PosteriorConfig(thinning_anchor="middle")
     with pytest.raises(UserError, match="fraction"):
         PosteriorConfig(fraction=0)
+
+
+def test_provider_computes_a_fraction_on_the_fly_and_caches_it():
+    from genperc.training.genrep import PosteriorProvider
+
+    cfg = PosteriorConfig(steps=6, burn_in=1, thinning=1, fraction=0.5, teacher="current", cache=True,
+                          refresh_epochs=1.0)
+    cache = PosteriorCache(8, 3, 6)
+    step = [0]
+    prov = PosteriorProvider(cfg, SCHED, 3, cache=cache, teacher=ClassPulls([-0.8, 0.0, 0.8]),
+                             generator=torch.Generator().manual_seed(0), step_fn=lambda: step[0], epoch_steps=4)
+    x = torch.full((4, 1, 4, 4), 0.8)
+    log_p, hit = prov(torch.tensor([0, 1, 2, 3]), x)
+    assert int(hit.sum()) == 2 and prov.computed_rows == 2 and len(cache) == 2
+    assert torch.allclose(log_p[hit].exp().sum(-1), torch.ones(2)) and (log_p[hit].argmax(-1) == 2).all()
+    _, hit2 = prov(torch.tensor([0, 1, 2, 3]), x)  # the cached two plus two new ones
+    assert bool(hit2.all()) and prov.computed_rows == 4
+    step[0] = 10  # older than refresh_epochs (4 steps): recomputed, half of them
+    _, hit3 = prov(torch.tensor([0, 1, 2, 3]), x)
+    assert int(hit3.sum()) == 2 and prov.computed_rows == 6

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -214,7 +213,3 @@ class ClassificationTask(Task):
         path = out / f"{stem}.tsv"
         path.write_text("class\tprobability\n" + "\n".join(lines) + "\n")
         return [path]
-
-
-def class_counts(labels: np.ndarray | Tensor, num_classes: int) -> list[int]:
-    return np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes).tolist()
