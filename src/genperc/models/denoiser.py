@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -502,24 +500,14 @@ class Denoiser(nn.Module):
         then rename; an existing directory is replaced only after the new one is complete)."""
         from safetensors.torch import save_file
 
+        from genperc.atomic import atomic_directory
+
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             payload = {"_format": _FORMAT, **self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "genperc": _FORMAT})
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / "x")
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod

@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -344,19 +342,13 @@ class GenRepModel(nn.Module):
         """``config.json`` + ``model.safetensors`` (whole state dict), written atomically."""
         from safetensors.torch import save_file
 
+        from genperc.atomic import atomic_directory
+
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             (tmp / "config.json").write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "genperc": _FORMAT})
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod
