@@ -85,23 +85,24 @@ def trivial_baselines(dataset, task, limit: int | None = None) -> dict[str, dict
 
 
 def pick_examples(dataset, k: int) -> list[int]:
-    """Indices of ``k`` items taken in turn from each expression family, one per scene."""
-    by_family: dict[str, list[int]] = {}
-    used: set[int] = set()
+    """Indices of ``k`` items taken in turn from each expression family, from different scenes
+    where the split has enough of them."""
+    by_family: dict[str, list[tuple[int, int]]] = {}
     for i in range(len(dataset)):
         item = dataset[i]
-        r = item["meta"]["record_index"]
-        lst = by_family.setdefault(item["family"], [])
-        if r in used or len(lst) >= k:
-            continue
-        lst.append(i)
-        used.add(r)
+        by_family.setdefault(item["family"], []).append((i, item["meta"]["record_index"]))
     out: list[int] = []
-    lists = list(by_family.values())
-    while len(out) < k and any(lists):
-        for lst in lists:
-            if lst and len(out) < k:
-                out.append(lst.pop(0))
+    used: set[int] = set()
+    for allow_reuse in (False, True):
+        progress = True
+        while len(out) < k and progress:
+            progress = False
+            for cands in by_family.values():
+                pick = next(((i, r) for i, r in cands if i not in out and (allow_reuse or r not in used)), None)
+                if pick is not None and len(out) < k:
+                    out.append(pick[0])
+                    used.add(pick[1])
+                    progress = True
     return out
 
 
@@ -152,27 +153,13 @@ def fit_steps_to_budget(trainer, seconds: float, probe: int = 3) -> tuple[int, i
     return tc.steps, best
 
 
-def make_trainer(cfg, run_dir):
-    """The one trainer, with the timestep strategy of ``train.timesteps``/``train.contributions``
-    (ADDP §3.1) built from the diffusion schedule and set explicitly."""
-    from dataclasses import replace
-
-    from genperc.diffusion.timesteps import build_timestep_sampler
-    from genperc.training.trainer import Trainer
-
-    uniform = replace(cfg, train=replace(cfg.train, timesteps="uniform"))
-    trainer = Trainer(uniform, run_dir)
-    trainer.cfg = cfg  # the saved config names the strategy actually used
-    trainer.timesteps = build_timestep_sampler(cfg.train, trainer.schedule)
-    return trainer
-
-
 def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: list[str] | None = None,
              train_scenes: int = 2000, val_scenes: int = 12, eval_limit: int | None = 240, examples: int = 9,
              workers: int = 2, seed: int = 0) -> dict:
     from genperc.data.sources import open_scene_source
     from genperc.evaluation import visualize as V
     from genperc.inference import evaluate_run, load_run, machine_info, predict_files
+    from genperc.training.trainer import Trainer
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -198,7 +185,7 @@ def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: l
     _log(f"training {cfg.model.preset} for {cfg.task} on {cfg.data.source} {cfg.data.resolution}x{cfg.data.resolution} "
          f"for {minutes:g} min")
     t0 = time.perf_counter()
-    trainer = make_trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir)  # timestep strategy (ADDP §3.1) from train.timesteps/contributions
     n_train = len(trainer.dataset)
     steps, threads = fit_steps_to_budget(trainer, minutes * 60 - (time.perf_counter() - t0))
     _log(f"about {steps} steps fit in the budget; the LR schedule ends there")
