@@ -148,12 +148,9 @@ def reliability_diagram(logits: Tensor, labels: Tensor, path, title: str = "", b
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from genperc.evaluation.visualize import save_figure
+
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

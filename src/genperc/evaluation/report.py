@@ -87,11 +87,9 @@ def training_curve(metrics_csv: Path, out_png: Path, smooth: int = 10) -> Path |
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    from genperc.evaluation.visualize import save_figure
+
+    return save_figure(fig, out_png)
 
 
 STYLE = """

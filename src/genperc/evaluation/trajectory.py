@@ -228,12 +228,9 @@ def plot_step_metrics(values: dict[str, Tensor] | Tensor, timesteps, path, metri
         ax.legend(fontsize=7)
     n = next(iter(values.values())).shape[0]
     fig.suptitle(title or f"per-step {metric} of the predicted x̂0 (N={n}, {len(ts)} steps)", fontsize=9)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p)
-    plt.close(fig)
-    return p
+    from genperc.evaluation.visualize import save_figure
+
+    return save_figure(fig, path)
 
 
 def _slug(key: str) -> str:

@@ -17,6 +17,18 @@ MASK_COLOUR = (255, 40, 40)
 BOX_COLOUR = (40, 255, 40)
 
 
+def save_figure(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] (or [1, 3, H, W]) in [−1, 1] → uint8 [H, W, 3]."""
     x = image.detach().float().cpu()

@@ -319,7 +319,6 @@ def augmentation_figure(task_name: str, out, *, source: str = "toy", path=None, 
                         resolution: int = 64, samples: int = 4, timesteps=(0, 250, 500, 750, 999),
                         intensity: float = 1.0, T: int = 1000, seed: int = 0):
     """Save a grid (rows = samples, columns = clean target then x0' at each t) as a PNG."""
-    from pathlib import Path
 
     import matplotlib
 
@@ -357,9 +356,6 @@ def augmentation_figure(task_name: str, out, *, source: str = "toy", path=None, 
             if r == 0:
                 ax.set_title("clean x0" if c == 0 else f"t={int(timesteps[c - 1])}", fontsize=8)
     fig.suptitle(f"ADDP diffusion-tailored augmentation: {task_name}, intensity {intensity:g}", fontsize=9)
-    fig.tight_layout()
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p)
-    plt.close(fig)
-    return p
+    from genperc.evaluation.visualize import save_figure
+
+    return save_figure(fig, out)
