@@ -251,3 +251,34 @@ def write_step_metrics(result: StepMetrics, out_dir, meta: dict | None = None) -
     paths["json"] = out / "trajectory.json"
     paths["json"].write_text(json.dumps(summary, indent=1) + "\n")
     return paths
+
+
+def plot_step_curves(panels: dict[str, dict], path, ylabel: str = "metric") -> Path:
+    """Split-level metric against the denoising timestep for several runs, mean ± std over seeds:
+    ``panels`` = {panel title: {curve label: (timesteps [S], values [seeds, S])}} (ADDP Fig. 7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genperc.evaluation.visualize import save_figure
+
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        raise UserError("no curves to plot", "run at least one model first")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), dpi=120, squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
+        for label, (ts, values) in curves.items():
+            v = torch.as_tensor(values, dtype=torch.float64).reshape(-1, len(ts))
+            mean = v.mean(0)
+            ax.plot(ts, mean.tolist(), "o-", ms=3, lw=1.5, label=f"{label} (n={v.shape[0]})")
+            if v.shape[0] > 1:
+                std = v.std(0)
+                ax.fill_between(ts, (mean - std).tolist(), (mean + std).tolist(), alpha=0.15, lw=0)
+        ax.set_xlim(max(ts) + 20, min(ts) - 20)
+        ax.set_xlabel("timestep t (denoising →)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)

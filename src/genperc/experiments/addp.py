@@ -1,0 +1,576 @@
+"""``genperc experiment addp``: ADDP's ablations (seed 001, Table 5, Fig. 7 and Fig. 8) on the shapes
+world, with mean ± std over seeds.
+
+What runs (all under ``--out``; every run is reused when its ``result.json`` exists and resumed
+from its last checkpoint otherwise, so an interrupted experiment goes on where it stopped):
+
+* ``data/world/{train,val,test}``: one rendered world (seeded); ``val`` only estimates the
+  perception c_t², ``test`` scores every run — no choice is made on the scores of ``val``.
+* **(a) Table 5, timestep strategies** at equal data and compute (same scenes, steps, batch and
+  seed per seed; only ``train.timesteps`` / ``train.contributions`` differ):
+  ``uniform``; ``loss-diffusion`` (loss × c_t² from the diffusion formulation, Eq. 3);
+  ``prob-diffusion`` (t ~ Multinomial(c_t²), diffusion c_t²); ``prob-perception`` (t ~
+  Multinomial(c_t²) with c_t² estimated by the cumulative-R² procedure of §3.1 from *that seed's*
+  uniform model on ``val`` — :func:`genperc.evaluation.contributions.perception_contributions`);
+  optionally ``prob-authors`` (the authors' released table for the task).
+* **(b) Fig. 8, augmentation intensity** 0 / 0.5 / 1 / 2 (``train.augment``, §3.2) on top of the
+  strategy with the best mean main metric in (a); intensity 0 is that strategy's run itself.
+* **Fig. 7, per-step curves**: every run is scored at every denoising step in one sampling run
+  (:func:`genperc.evaluation.trajectory.step_metrics`); its last step is the run's table entry
+  (the same noise as ``genperc eval`` with the same seed). ``curves.png`` draws the split-level
+  main metric (oIoU / AbsRel) against t for every strategy and intensity, ``before_after.png``
+  the uniform model against the final one (best strategy at the best intensity).
+
+Independent runs go to ``--workers`` processes of ``--threads`` torch threads each (two
+single-thread workers is fastest on a small shared CPU). ``tables.md`` and ``results.json`` are
+written at the end of every phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from genperc.config import load_config
+from genperc.errors import UserError
+
+TASKS = ("referring", "depth")
+#: name → (train.timesteps, train.contributions, label); None = the seed's perception estimate
+STRATEGIES = {
+    "uniform": ("uniform", "diffusion", "uniform"),
+    "loss-diffusion": ("loss-scaling", "diffusion", "loss scaling, diffusion c²"),
+    "prob-diffusion": ("prob-scaling", "diffusion", "probability scaling, diffusion c²"),
+    "prob-perception": ("prob-scaling", None, "probability scaling, perception c²"),
+    "prob-authors": ("prob-scaling", "authors", "probability scaling, the authors' table"),
+}
+TABLE5 = ("uniform", "loss-diffusion", "prob-diffusion", "prob-perception")
+INTENSITIES = (0.0, 0.5, 1.0, 2.0)
+#: RefCOCO val oIoU of Table 5 (SD 1.5 InstructPix2Pix, 20-epoch ablation; REFERENCE.md)
+PAPER_TABLE5 = {"uniform": 56.42, "loss-diffusion": 58.21, "prob-diffusion": 63.05, "prob-perception": 64.00}
+#: the columns of each task's tables: (metric key, label, scale)
+COLUMNS = {"referring": (("oIoU", "oIoU (%) ↑", 100), ("mIoU", "mIoU (%) ↑", 100), ("Prec@0.5", "Prec@0.5 (%) ↑", 100)),
+           "depth": (("AbsRel", "AbsRel (%) ↓", 100), ("delta1", "δ1 (%) ↑", 100), ("RMSE", "RMSE (m) ↓", 1))}
+
+# The world of the experiment: the demo's (CLEVR shapes without red, 3–5 objects, a close camera).
+WORLD = dict(min_objects=3, max_objects=5, camera_distance=(6.5, 8.0),
+             colors=("gray", "blue", "green", "brown", "purple", "cyan", "yellow"))
+
+
+@dataclass
+class Preset:
+    """Sizes of one (task, preset): the config preset, the world, the run length and the evaluation."""
+
+    config: str
+    resolution: int
+    scenes: dict  # split → rendered scenes
+    steps: int
+    batch_size: int
+    eval_items: int  # test items scored per run
+    calib_items: int  # val items of the perception c² estimate
+    spp: int = 8
+    workers: int = 1
+    threads: int = 0
+    overrides: list = field(default_factory=list)
+
+
+# CPU: 2 single-thread workers on this 2-core machine, ~1 h for the 21 runs of 3 seeds.
+# GPU: one process, sized for a 10-minute device run (an estimate: not measured, no GPU was lent).
+PRESETS = {
+    ("referring", "cpu"): Preset("demo", 32, {"train": 1000, "val": 40, "test": 40}, steps=400, batch_size=16,
+                                 eval_items=160, calib_items=128, workers=2, threads=1,
+                                 overrides=["train.lr=1e-3", "sample.steps=10"]),
+    ("depth", "cpu"): Preset("cpu-depth", 32, {"train": 1000, "val": 128, "test": 128}, steps=400, batch_size=16,
+                             eval_items=128, calib_items=128, workers=2, threads=1,
+                             overrides=["train.lr=1e-3", "sample.steps=10"]),
+    ("referring", "gpu"): Preset("gpu-small", 64, {"train": 6000, "val": 100, "test": 100}, steps=1500, batch_size=64,
+                                 eval_items=500, calib_items=256, spp=16,
+                                 overrides=["sample.sampler=euler-a", "sample.steps=20", "sample.text_scale=3.0",
+                                            "sample.image_scale=1.5"]),
+    ("depth", "gpu"): Preset("gpu-depth", 64, {"train": 6000, "val": 256, "test": 256}, steps=1500, batch_size=64,
+                             eval_items=256, calib_items=256, spp=16, overrides=["sample.steps=20"]),
+}
+
+
+def preset_for(task: str, preset: str) -> Preset:
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r} for the ADDP experiment", f"use one of {', '.join(TASKS)}")
+    if (task, preset) not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}", "use cpu or gpu")
+    return PRESETS[(task, preset)]
+
+
+def render_world(root: Path, p: Preset, seed: int = 0, log=print) -> Path:
+    """The experiment's world: train / val / test splits (resumable, deterministic)."""
+    from genperc.data.world import WorldConfig, render_split
+
+    config = WorldConfig(resolution=p.resolution, spp=p.spp, **WORLD)
+    for split, n in p.scenes.items():
+        manifest = root / split / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+            continue
+        log(f"rendering {n} {split} scenes at {p.resolution}px into {root}")
+        render_split(root, config, split=split, scenes=n, seed=seed, workers=max(1, min(os.cpu_count() or 1, 4)),
+                     progress=False)
+    return root
+
+
+def base_config(task: str, p: Preset, world: Path, overrides: list[str]):
+    keys = [f"task={task}", "data.source=world", f"data.path={world.resolve()}", f"data.resolution={p.resolution}",
+            f"model.sample_size={p.resolution}", "data.val_split=val", f"train.steps={p.steps}",
+            f"train.batch_size={p.batch_size}", "train.progress=false", "train.augment=0",
+            f"train.checkpoint_every={max(50, p.steps // 4)}", "train.keep_checkpoints=1"]
+    return load_config(p.config, keys + list(p.overrides) + list(overrides))
+
+
+def eval_indices(n: int, k: int, seed: int) -> list[int]:
+    """A fixed random subset of ``k`` of ``n`` items, spread over the split's scenes, in order."""
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[: min(k, n)].tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# one run (executed in a worker process)
+
+_TEXT_ENCODERS: dict = {}
+
+
+def _text_encoder(cfg, task):
+    """One text encoder per worker process (loading MiniLM costs seconds; its cache is shared)."""
+    from genperc import build
+
+    key = cfg.model.text_encoder
+    if key not in _TEXT_ENCODERS:
+        _TEXT_ENCODERS[key] = build.build_text_encoder(cfg, task)
+    return _TEXT_ENCODERS[key]
+
+
+def _init_worker(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _step_scores(run, split: str, indices: list[int], seed: int):
+    """Per-step metrics of ``indices`` of ``split`` and the split-level summary at every step."""
+    from torch.utils.data import Subset
+
+    from genperc.data.sources import open_scene_source
+    from genperc.evaluation.trajectory import step_metrics
+
+    dataset = run.task.dataset(open_scene_source(run.cfg.data, split), run.cfg.data.resolution)
+    indices = [i for i in indices if i < len(dataset)]
+    subset = Subset(dataset, indices)
+    sm = step_metrics(run.model, run.task, subset, schedule=run.schedule, space=run.space,
+                      text_encoder=run.text_encoder, sample_cfg=run.cfg.sample, seed=seed, device=run.device)
+    extra = {}
+    first = dataset[indices[0]] if indices else {}
+    if "family" in first:
+        extra["family"] = [dataset[i]["family"] for i in indices]
+    per_step = [run.task.summarize({**{k: v[:, j] for k, v in sm.values.items()}, **extra})
+                for j in range(len(sm.timesteps))]
+    return sm, per_step
+
+
+def run_job(job: dict) -> dict:
+    """Train one run (resuming it when it has a checkpoint), score it at every denoising step on the
+    test items, and (``job["calibrate"]``) estimate its perception c_t² on the val items. Returns
+    and writes ``RUN/result.json``."""
+    from genperc import build
+    from genperc.evaluation.trajectory import write_step_metrics
+    from genperc.inference import load_run
+    from genperc.training.trainer import Trainer
+
+    run_dir = Path(job["run_dir"])
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(base=job["config"])
+    task = build.build_task(cfg)
+    text = _text_encoder(cfg, task)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, task=task, text_encoder=text)
+    resume = bool(list((run_dir / "checkpoints").glob("step-*")))
+    tr = trainer.train(resume=resume)
+    train_s = time.perf_counter() - t0
+    del trainer
+    run = load_run(run_dir, text_encoder=text, device="cpu" if not torch.cuda.is_available() else None)
+    t0 = time.perf_counter()
+    sm, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
+    eval_s = time.perf_counter() - t0
+    write_step_metrics(sm, run_dir / "steps", {"split": job["eval_split"], "task": run.task.name})
+    result = {"name": job["name"], "seed": job["seed"], "summary": per_step[-1], "timesteps": sm.timesteps.tolist(),
+              "per_step": per_step, "train_s": train_s, "eval_s": eval_s, "steps": tr.step,
+              "images_per_s": tr.images_per_s, "final_loss": tr.loss, "threads": torch.get_num_threads(),
+              "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
+              "augment": cfg.train.augment}
+    if job.get("calibrate"):
+        try:
+            result["perception_c2"] = _calibrate(run, job)
+        except UserError as e:  # e.g. a model so weak that every final IoU is 0: keep the run's scores
+            result["perception_c2"] = {"error": str(e)}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    tmp.replace(done)
+    return result
+
+
+def _calibrate(run, job: dict) -> dict:
+    """Perception c_t² of this (uniform) model: per-step metric of the val items, cumulative R²
+    (ADDP §3.1) → ``RUN/contributions/c.json`` and its plot against the diffusion c² and the
+    authors' table."""
+    from genperc.diffusion.timesteps import PRESETS as C_TABLES
+    from genperc.diffusion.timesteps import diffusion_contributions
+    from genperc.evaluation.contributions import perception_contributions, plot_contributions, write_contributions
+    from genperc.evaluation.trajectory import write_step_metrics
+
+    out = Path(job["run_dir"]) / "contributions"
+    sm, _ = _step_scores(run, "val", job["calib_indices"], job["eval_seed"])
+    write_step_metrics(sm, out / "trajectory-val", {"split": "val", "task": run.task.name,
+                                                    "T": run.schedule.num_train_timesteps})
+    res = perception_contributions(sm.matrix, sm.timesteps, bins=10, T=run.schedule.num_train_timesteps)
+    path = write_contributions(res, out / "c.json", source=str(out / "trajectory-val"), metric=sm.metric)
+    authors = C_TABLES.get(f"addp-{run.task.name}")
+    compare = {"diffusion c²": diffusion_contributions(run.schedule, bins=10)}
+    if authors is not None:
+        compare["authors' table"] = authors
+    plot_contributions(res, out / "c.png", compare=compare)
+    return {"path": str(path), "factors": res.factors.tolist(), "explained": res.explained,
+            "metric": sm.metric, "samples": res.n_samples, "notes": list(res.notes)}
+
+
+# --------------------------------------------------------------------------------------------
+# the experiment
+
+
+@dataclass
+class Plan:
+    task: str
+    preset: str
+    seeds: int
+    strategies: list[str]
+    intensities: list[float]
+    sizes: Preset
+
+
+def _strategy_overrides(name: str, task: str, c_path: str | None) -> list[str]:
+    timesteps, contributions, _ = STRATEGIES[name]
+    if contributions is None:
+        contributions = c_path
+    elif contributions == "authors":
+        contributions = f"addp-{task}"
+    return [f"train.timesteps={timesteps}", f"train.contributions={contributions}"]
+
+
+def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3, out: str | Path | None = None,
+                   strategies: str = ",".join(TABLE5), intensities: str = "0,0.5,1,2",
+                   overrides: list[str] | None = None, world_path: str | None = None, workers: int | None = None,
+                   threads: int | None = None, log=print) -> dict:
+    """Run the experiment (module docstring); returns the results dict also saved as JSON."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    p = preset_for(task, preset)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad:
+        raise UserError(f"unknown strategy {bad[0]!r}", f"use any of {', '.join(STRATEGIES)}")
+    if "prob-perception" in names and "uniform" not in names:
+        raise UserError("prob-perception estimates c_t² from the uniform model", "keep uniform in --strategies")
+    try:
+        levels = [float(v) for v in intensities.split(",") if v.strip()] if intensities else []
+    except ValueError as e:
+        raise UserError(f"--intensities {intensities!r} is not a comma-separated list of numbers", "e.g. 0,0.5,1,2") from e
+    if any(v < 0 for v in levels):
+        raise UserError("augmentation intensities must be ≥ 0", "e.g. 0,0.5,1,2")
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds} < 1", "use 1 or more seeds")
+    out = Path(out or Path("runs") / f"addp-{task}-{preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    world = Path(world_path) if world_path else render_world(out / "data" / "world", p, log=log)
+    cfg = base_config(task, p, world, list(overrides or []))
+    workers = p.workers if workers is None else max(1, workers)
+    threads = p.threads if threads is None else threads
+    if torch.cuda.is_available():
+        workers = 1
+
+    from genperc import build
+    from genperc.data.sources import open_scene_source
+
+    tsk = build.build_task(cfg)
+    n_test = len(tsk.dataset(open_scene_source(cfg.data, "test"), cfg.data.resolution))
+    n_val = len(tsk.dataset(open_scene_source(cfg.data, "val"), cfg.data.resolution))
+    n_train = len(tsk.dataset(open_scene_source(cfg.data, "train"), cfg.data.resolution))
+    test_idx, val_idx = eval_indices(n_test, p.eval_items, 1234), eval_indices(n_val, p.calib_items, 4321)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.setdefault("runs", {})
+    results.update({"task": task, "preset": preset, "seeds": seeds, "sizes": asdict(p), "train_items": n_train,
+                    "test_items": len(test_idx), "val_items": len(val_idx), "main_metric": tsk.main_metric,
+                    "strategies": names, "intensities": levels, "workers": workers, "threads": threads,
+                    "config": cfg.to_dict(), "machine": _machine()})
+
+    def save():
+        results_path.write_text(json.dumps(results, indent=1, default=float))
+        (out / "tables.md").write_text(render_tables(results))
+
+    def job(name: str, seed: int, extra: list[str], calibrate: bool = False) -> dict:
+        c = load_config(base=cfg.to_dict(), overrides=[f"train.seed={seed}", *extra])
+        return {"name": name, "seed": seed, "run_dir": str(out / "runs" / f"{name}-s{seed}"), "config": c.to_dict(),
+                "eval_split": "test", "eval_indices": test_idx, "eval_seed": 0, "calib_indices": val_idx,
+                "calibrate": calibrate}
+
+    def run_all(jobs: list[dict]) -> None:
+        jobs = [j for j in jobs if f"{j['name']}-s{j['seed']}" not in results["runs"]]
+        if not jobs:
+            return
+        log(f"{len(jobs)} run(s): " + ", ".join(f"{j['name']}-s{j['seed']}" for j in jobs))
+        t0 = time.perf_counter()
+        if workers == 1 or len(jobs) == 1:
+            _init_worker(threads)
+            done = ((j, run_job(j)) for j in jobs)
+            _collect(done, t0)
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
+                                     initializer=_init_worker, initargs=(threads,)) as pool:
+                futures = {pool.submit(run_job, j): j for j in jobs}
+                _collect(((futures[f], f.result()) for f in as_completed(futures)), t0)
+
+    def _collect(done, t0):
+        for j, r in done:
+            key = f"{j['name']}-s{j['seed']}"
+            results["runs"][key] = r
+            m = tsk.main_metric
+            log(f"  {key}: {m} {r['summary'][m]:.4f} (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s, "
+                f"{time.perf_counter() - t0:.0f} s into the phase)")
+            save()
+
+    # (a) strategies: everything but prob-perception, then prob-perception from each uniform model
+    first = [job(s, seed, _strategy_overrides(s, task, None), calibrate=(s == "uniform" and "prob-perception" in names))
+             for seed in range(seeds) for s in names if s != "prob-perception"]
+    run_all(first)
+    if "prob-perception" in names:
+        jobs = []
+        for seed in range(seeds):
+            est = results["runs"][f"uniform-s{seed}"].get("perception_c2", {})
+            if "path" in est:
+                jobs.append(job("prob-perception", seed, _strategy_overrides("prob-perception", task, est["path"])))
+            else:
+                log(f"  no perception c² from uniform-s{seed} ({est.get('error', 'not estimated')}): "
+                    f"prob-perception-s{seed} is left out")
+        run_all(jobs)
+    best = best_strategy(results, names, seeds)
+    results["best_strategy"] = best
+    save()
+    # (b) augmentation intensity on the best strategy (intensity 0 is the strategy's run)
+    aug = []
+    for seed in range(seeds):
+        c_path = (results["runs"][f"uniform-s{seed}"]["perception_c2"].get("path") if best == "prob-perception"
+                  else None)
+        if best == "prob-perception" and c_path is None:
+            continue
+        aug += [job(aug_name(best, v), seed, _strategy_overrides(best, task, c_path) + [f"train.augment={v}"])
+                for v in levels if v > 0]
+    run_all(aug)
+    save()
+    plot_curves(results, out)
+    return results
+
+
+def _key_values(results: dict, name: str, metric: str, seeds: int, step: int | None = None) -> list[float]:
+    vals = []
+    for s in range(seeds):
+        r = results["runs"].get(f"{name}-s{s}")
+        if r is None:
+            continue
+        summary = r["summary"] if step is None else r["per_step"][step]
+        v = summary.get(metric)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            vals.append(float(v))
+    return vals
+
+
+def _better(metric: str):
+    from genperc.evaluation.metrics import LOWER_IS_BETTER
+
+    return (lambda a, b: a < b) if metric in LOWER_IS_BETTER else (lambda a, b: a > b)
+
+
+def best_strategy(results: dict, names: list[str], seeds: int) -> str:
+    """The strategy with the best mean main metric over the seeds (ties: the earlier one)."""
+    m = results["main_metric"]
+    better = _better(m)
+    best, best_v = None, None
+    for n in names:
+        vals = _key_values(results, n, m, seeds)
+        if vals and (best is None or better(statistics.mean(vals), best_v)):
+            best, best_v = n, statistics.mean(vals)
+    if best is None:
+        raise UserError("no strategy run finished", "look at the run directories under OUT/runs")
+    return best
+
+
+def aug_name(best: str, v: float) -> str:
+    return best if v == 0 else f"{best}-aug{v:g}"
+
+
+def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    vals = [v * scale for v in values]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _machine() -> str:
+    from genperc.inference import machine_info
+
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} cores, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU") + f", torch {m['torch']}"
+
+
+def render_tables(results: dict) -> str:
+    task, seeds = results["task"], results["seeds"]
+    cols = COLUMNS[task]
+    sz = results["sizes"]
+    lines = [f"# ADDP ablations: {task} on the shapes world ({results['preset']} preset)", "",
+             f"Machine: {results['machine']}; {results['workers']} worker process(es) × {results['threads'] or 'default'} "
+             f"torch thread(s). {seeds} seed(s), mean ± std over seeds. Every run: {sz['steps']} steps of batch "
+             f"{sz['batch_size']} on {results['train_items']} training items ({sz['resolution']}×{sz['resolution']}, "
+             f"{sz['scenes']['train']} scenes), scored on {results['test_items']} test items "
+             f"({results['config']['sample']['sampler']}, {results['config']['sample']['steps']} steps); the "
+             f"perception c² from {results['val_items']} val items.", ""]
+    header = "| strategy | " + " | ".join(c[1] for c in cols) + " |"
+    paper = task == "referring"
+    if paper:
+        header += " paper: RefCOCO val oIoU |"
+    lines += ["## Table 5 — timestep strategies (equal data and compute)", "", header,
+              "|" + "---|" * (header.count("|") - 1)]
+    for n in results.get("strategies", []):
+        row = f"| {STRATEGIES[n][2]} | " + " | ".join(_fmt(_key_values(results, n, k, seeds), s) for k, _, s in cols) + " |"
+        if paper:
+            row += f" {PAPER_TABLE5.get(n, '–')} |"
+        lines.append(row)
+    lines.append("")
+    best = results.get("best_strategy")
+    if best:
+        lines += [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
+                  "| intensity | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        for v in results.get("intensities", []):
+            lines.append(f"| {v:g}× | " + " | ".join(_fmt(_key_values(results, aug_name(best, v), k, seeds), s)
+                                                     for k, _, s in cols) + " |")
+        lines.append("")
+        lines += _curve_table(results)
+    lines += _c2_table(results)
+    lines += _time_table(results)
+    return "\n".join(lines) + "\n"
+
+
+def final_name(results: dict) -> str | None:
+    """The best strategy at its best intensity (the "after" of Fig. 7)."""
+    best = results.get("best_strategy")
+    if not best:
+        return None
+    m, seeds = results["main_metric"], results["seeds"]
+    better = _better(m)
+    final, fv = best, None
+    for v in results.get("intensities", []):
+        vals = _key_values(results, aug_name(best, v), m, seeds)
+        if vals and (fv is None or better(statistics.mean(vals), fv)):
+            final, fv = aug_name(best, v), statistics.mean(vals)
+    return final
+
+
+def _curve_table(results: dict) -> list[str]:
+    m, seeds = results["main_metric"], results["seeds"]
+    scale = dict((k, s) for k, _, s in COLUMNS[results["task"]])[m]
+    final = final_name(results)
+    rows = [("uniform (before)", "uniform"), (f"{final} (after)", final)]
+    ref = results["runs"].get("uniform-s0")
+    if ref is None or final is None:
+        return []
+    ts = ref["timesteps"]
+    lines = [f"## Fig. 7 — {m} of the predicted x̂0 at every denoising step (mean over seeds)", "",
+             "| run | " + " | ".join(f"t={t}" for t in ts) + " |", "|" + "---|" * (len(ts) + 1)]
+    for label, name in rows:
+        cells = []
+        for j in range(len(ts)):
+            vals = _key_values(results, name, m, seeds, step=j)
+            cells.append(f"{statistics.mean(vals) * scale:.1f}" if vals else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + ["", "Curves of every run: `curves.png`; before/after: `before_after.png`.", ""]
+
+
+def _c2_table(results: dict) -> list[str]:
+    from genperc.diffusion.timesteps import PRESETS as C_TABLES
+
+    est = {s: results["runs"][f"uniform-s{s}"]["perception_c2"] for s in range(results["seeds"])
+           if "perception_c2" in results["runs"].get(f"uniform-s{s}", {})}
+    failed = [f"seed {s}: {e['error']}" for s, e in est.items() if "error" in e]
+    est = {s: e for s, e in est.items() if "factors" in e}
+    if not est and not failed:
+        return []
+    lines = ["## c_t² per bin (%, bin 9 = t ∈ [900, 1000) first)", "",
+             "| source | " + " | ".join(f"bin {b}" for b in range(9, -1, -1)) + " | R² |", "|" + "---|" * 12]
+    for s, e in est.items():
+        f = e["factors"]
+        lines.append(f"| perception, uniform seed {s} | " + " | ".join(f"{100 * f[b]:.1f}" for b in range(9, -1, -1))
+                     + f" | {e['explained']:.2f} |")
+    authors = C_TABLES.get(f"addp-{results['task']}")
+    if authors is not None:
+        tot = float(sum(authors))
+        lines.append("| the authors' table | " + " | ".join(f"{100 * authors[b] / tot:.1f}" for b in range(9, -1, -1))
+                     + " | – |")
+    from genperc.diffusion.schedule import NoiseSchedule
+    from genperc.diffusion.timesteps import diffusion_contributions
+
+    cfg = load_config(base=results["config"])
+    d = diffusion_contributions(NoiseSchedule(cfg.diffusion), bins=10).tolist()
+    lines.append("| diffusion formulation | " + " | ".join(f"{100 * d[b]:.1f}" for b in range(9, -1, -1)) + " | – |")
+    return lines + [""] + [f"No perception c² estimate ({f}); that seed's prob-perception run is left out." for f in failed] + [""]
+
+
+def _time_table(results: dict) -> list[str]:
+    names = list(dict.fromkeys(r["name"] for r in results["runs"].values()))
+    lines = ["## Training time per run (s, mean over seeds; equal steps — wall clock on a shared machine)", "",
+             "| run | train (s) | images/s | test scoring (s) |", "|---|---|---|---|"]
+    for n in names:
+        rs = [r for r in results["runs"].values() if r["name"] == n]
+        lines.append(f"| {n} | {statistics.mean(r['train_s'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['images_per_s'] for r in rs):.1f} | {statistics.mean(r['eval_s'] for r in rs):.0f} |")
+    return lines + [""]
+
+
+def plot_curves(results: dict, out: Path) -> list[Path]:
+    """``curves.png`` (every strategy and intensity) and ``before_after.png`` (uniform vs the final
+    run): the split-level main metric at every denoising step, mean ± std over seeds (Fig. 7)."""
+    from genperc.evaluation.trajectory import plot_step_curves
+
+    m, seeds = results["main_metric"], results["seeds"]
+    best = results.get("best_strategy")
+
+    def curves(names: dict[str, str]) -> dict:
+        cs = {}
+        for label, n in names.items():
+            rows = [[s[m] for s in results["runs"][f"{n}-s{k}"]["per_step"]] for k in range(seeds)
+                    if f"{n}-s{k}" in results["runs"]]
+            if rows:
+                ts = results["runs"][f"{n}-s0"]["timesteps"] if f"{n}-s0" in results["runs"] else None
+                cs[label] = (ts, torch.tensor(rows, dtype=torch.float64))
+        return cs
+
+    panels = {"timestep strategy": curves({STRATEGIES[n][2]: n for n in results.get("strategies", [])})}
+    if best:
+        panels["augmentation intensity"] = curves({f"{v:g}×": aug_name(best, v) for v in results.get("intensities", [])})
+    paths = [plot_step_curves(panels, out / "curves.png", ylabel=m)]
+    final = final_name(results)
+    if final:
+        paths.append(plot_step_curves({"before / after": curves({"uniform": "uniform", f"after: {final}": final})},
+                                      out / "before_after.png", ylabel=m))
+    return paths
