@@ -5,7 +5,8 @@ import pytest
 from genperc.cli import main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["data", "--help"], ["data", "render", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["data", "--help"], ["data", "render", "--help"],
+                                  ["experiment", "addp", "--help"]])
 def test_help(argv, capsys):
     assert main(argv) == 0
     assert "Usage" in capsys.readouterr().out
@@ -20,6 +21,8 @@ def test_help(argv, capsys):
         (["train", "--resume"], "--resume needs --run-dir"),
         (["config", "diffusion.prediction_type=z"], "prediction_type"),
         (["data", "show", "/no/such/dir", "--out", "x.png"], "/no/such/dir"),
+        (["experiment", "addp", "--task", "pose"], "unknown task 'pose'"),
+        (["experiment", "addp", "--strategies", "uniform,best"], "unknown strategy 'best'"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(argv, needle, capsys):

@@ -21,7 +21,7 @@ def _threads(n: int) -> None:
 
 
 @app.command("genrep")
-def genrep(
+def genrep_command(
     dataset: str = typer.Option("digits", help="digits (scikit-learn) or world (single-object shapes scenes)."),
     preset: str = typer.Option("cpu", help="cpu (minutes, 16 px digits / 32 px world) or gpu."),
     seeds: int = typer.Option(3, help="Training seeds per variant (mean ± std)."),
@@ -50,7 +50,7 @@ def genrep(
 
 
 @app.command("addp")
-def addp(
+def addp_command(
     task: str = typer.Option("referring", help="referring (InstructPix2Pix-style) or depth (Marigold-style)."),
     preset: str = typer.Option("cpu", help="cpu (32 px, ~1 h on 2 cores) or gpu (64 px, one device, ~10 min)."),
     seeds: int = typer.Option(3, help="Training seeds per run (mean ± std)."),
@@ -75,7 +75,7 @@ def addp(
 
 
 @app.command("genrep-train")
-def genrep_train(
+def genrep_train_command(
     preset: str = typer.Option("genrep-cpu", help="Config preset (task classification with task_options.genrep)."),
     run_dir: Path = typer.Option(Path("runs/genrep"), "--run-dir", "-o", help="Output run directory."),
     evaluate: bool = typer.Option(True, help="Evaluate the unified model on data.val_split afterwards."),

@@ -270,12 +270,13 @@ def _strategy_overrides(name: str, task: str, c_path: str | None) -> list[str]:
 def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3, out: str | Path | None = None,
                    strategies: str = ",".join(TABLE5), intensities: str = "0,0.5,1,2",
                    overrides: list[str] | None = None, world_path: str | None = None, workers: int | None = None,
-                   threads: int | None = None, log=print) -> dict:
-    """Run the experiment (module docstring); returns the results dict also saved as JSON."""
+                   threads: int | None = None, sizes: Preset | None = None, log=print) -> dict:
+    """Run the experiment (module docstring); returns the results dict also saved as JSON.
+    ``sizes`` replaces the preset's :class:`Preset` (tests, custom sizes)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    p = preset_for(task, preset)
+    p = preset_for(task, preset) if sizes is None else sizes
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     bad = [s for s in names if s not in STRATEGIES]
     if bad:
