@@ -40,6 +40,7 @@ import torch
 
 from genperc.config import load_config
 from genperc.errors import UserError
+from genperc.experiments.common import fmt_mean_std, machine_line
 
 TASKS = ("referring", "depth")
 #: name → (train.timesteps, train.contributions, label); None = the seed's perception estimate
@@ -314,7 +315,7 @@ def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3,
     results.update({"task": task, "preset": preset, "seeds": seeds, "sizes": asdict(p), "train_items": n_train,
                     "test_items": len(test_idx), "val_items": len(val_idx), "main_metric": tsk.main_metric,
                     "strategies": names, "intensities": levels, "workers": workers, "threads": threads,
-                    "config": cfg.to_dict(), "machine": _machine()})
+                    "config": cfg.to_dict(), "machine": machine_line()})
 
     def save():
         results_path.write_text(json.dumps(results, indent=1, default=float))
@@ -420,20 +421,8 @@ def aug_name(best: str, v: float) -> str:
     return best if v == 0 else f"{best}-aug{v:g}"
 
 
-def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    vals = [v * scale for v in values]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-def _machine() -> str:
-    from genperc.inference import machine_info
-
-    m = machine_info()
-    return f"{m['cpu']}, {m['cores']} cores, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU") + f", torch {m['torch']}"
 
 
 def render_tables(results: dict) -> str:
@@ -454,7 +443,7 @@ def render_tables(results: dict) -> str:
     lines += ["## Table 5 — timestep strategies (equal data and compute)", "", header,
               "|" + "---|" * (header.count("|") - 1)]
     for n in results.get("strategies", []):
-        row = f"| {STRATEGIES[n][2]} | " + " | ".join(_fmt(_key_values(results, n, k, seeds), s) for k, _, s in cols) + " |"
+        row = f"| {STRATEGIES[n][2]} | " + " | ".join(fmt_mean_std(_key_values(results, n, k, seeds), s) for k, _, s in cols) + " |"
         if paper:
             row += f" {PAPER_TABLE5.get(n, '–')} |"
         lines.append(row)
@@ -467,7 +456,7 @@ def render_tables(results: dict) -> str:
         lines += [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
                   "| intensity | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for v in results.get("intensities", []):
-            lines.append(f"| {v:g}× | " + " | ".join(_fmt(_key_values(results, aug_name(best, v), k, seeds), s)
+            lines.append(f"| {v:g}× | " + " | ".join(fmt_mean_std(_key_values(results, aug_name(best, v), k, seeds), s)
                                                      for k, _, s in cols) + " |")
         lines.append("")
         lines += _curve_table(results)

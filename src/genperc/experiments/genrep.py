@@ -39,6 +39,7 @@ import torch
 
 from genperc.config import RunConfig, load_config
 from genperc.errors import UserError
+from genperc.experiments.common import fmt_mean_std, machine_line
 
 DATASETS = ("digits", "world")
 PRESETS = {"cpu": "genrep-cpu", "gpu": "genrep-gpu"}
@@ -75,13 +76,6 @@ def _stage1_key(g: dict) -> str:
                        "heads": g.get("heads")}, sort_keys=True)
 
 
-def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def base_config(dataset: str, preset: str, overrides: list[str], world_path: str | None) -> RunConfig:
@@ -172,7 +166,7 @@ def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3,
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
     results.update({"dataset": dataset, "preset": preset, "classes": task.class_names,
                     "train_images": len(train_ds), "eval_images": len(eval_ds),
-                    "machine": _machine()})
+                    "machine": machine_line()})
 
     def save():
         results_path.write_text(json.dumps(results, indent=1))
@@ -301,12 +295,6 @@ def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3,
     return results
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}" + (
-        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
 
 
 def posterior_cost(generator, dataset, pc, schedule, k: int, *, labels_fn, images: int = 60,
@@ -375,11 +363,11 @@ def render_tables(results: dict, wanted: set[str]) -> str:
                " FID ↓ | precision ↑ | recall ↑ | class consistency (%) ↑ |"
         lines += ["## Table 8 — components", "", head, "|" + "---|" * (head.count("|") - 1)]
         for v in T8:
-            row = f"| {LABELS[v]} | {_fmt(vals(v, 'top1'), 100)} | {_fmt(vals(v, 'ece'), 1, 3)} |"
+            row = f"| {LABELS[v]} | {fmt_mean_std(vals(v, 'top1'), 100)} | {fmt_mean_std(vals(v, 'ece'), 1, 3)} |"
             if dense:
-                row += f" {_fmt(vals(v, 'miou'), 100)} | {_fmt(vals(v, 'absrel'), 1, 3)} |"
-            row += (f" {_fmt(vals(v, 'fid'), 1, 2)} | {_fmt(vals(v, 'precision'), 1, 3)} | "
-                    f"{_fmt(vals(v, 'recall'), 1, 3)} | {_fmt(vals(v, 'class_consistency'), 100)} |")
+                row += f" {fmt_mean_std(vals(v, 'miou'), 100)} | {fmt_mean_std(vals(v, 'absrel'), 1, 3)} |"
+            row += (f" {fmt_mean_std(vals(v, 'fid'), 1, 2)} | {fmt_mean_std(vals(v, 'precision'), 1, 3)} | "
+                    f"{fmt_mean_std(vals(v, 'recall'), 1, 3)} | {fmt_mean_std(vals(v, 'class_consistency'), 100)} |")
             lines.append(row)
         lines.append("")
     stages_note = ("stage 1 only (perception with L_gen_distil)" if results.get("sweep_stages") == "perception"
@@ -392,37 +380,37 @@ def render_tables(results: dict, wanted: set[str]) -> str:
 
         for j in results.get("k_values", []):
             n = int(kept_states(d["steps"], d["m"], j).numel())
-            lines.append(f"| {j} | {n} | {_fmt(vals(f'k{j}', 'top1'), 100)} | {_fmt(vals(f'k{j}', 'ece'), 1, 3)} |")
+            lines.append(f"| {j} | {n} | {fmt_mean_std(vals(f'k{j}', 'top1'), 100)} | {fmt_mean_std(vals(f'k{j}', 'ece'), 1, 3)} |")
         lines.append("")
     if "10" in wanted:
         lines += [f"## Table 10 — burn-in m (chain of {d.get('steps')} steps, k = {d.get('k')}; {stages_note})", "",
                   "| m | Top-1 (%) ↑ | ECE ↓ |", "|---|---|---|"]
         for m in results.get("m_values", []):
-            lines.append(f"| {m} | {_fmt(vals(f'm{m}', 'top1'), 100)} | {_fmt(vals(f'm{m}', 'ece'), 1, 3)} |")
+            lines.append(f"| {m} | {fmt_mean_std(vals(f'm{m}', 'top1'), 100)} | {fmt_mean_std(vals(f'm{m}', 'ece'), 1, 3)} |")
         lines.append("")
     if "11" in wanted:
         lines += ["## Table 11 — expected calibration error (15 bins)", "",
                   "| L_gen_distil | pair | ECE ↓ | Top-1 (%) |", "|---|---|---|---|"]
         for without, with_ in (("none", "gp"), ("sg", "both")):
-            lines.append(f"| | {LABELS[without]} | {_fmt(vals(without, 'ece'), 1, 3)} | "
-                         f"{_fmt(vals(without, 'top1'), 100)} |")
-            lines.append(f"| ✓ | {LABELS[with_]} | {_fmt(vals(with_, 'ece'), 1, 3)} | "
-                         f"{_fmt(vals(with_, 'top1'), 100)} |")
+            lines.append(f"| | {LABELS[without]} | {fmt_mean_std(vals(without, 'ece'), 1, 3)} | "
+                         f"{fmt_mean_std(vals(without, 'top1'), 100)} |")
+            lines.append(f"| ✓ | {LABELS[with_]} | {fmt_mean_std(vals(with_, 'ece'), 1, 3)} | "
+                         f"{fmt_mean_std(vals(with_, 'top1'), 100)} |")
         lines.append("")
     if "13" in wanted:
         lines += ["## Table 13 — direction of the alignment", "",
                   "| alignment | Top-1 (%) ↑ | FID ↓ | mean cos(∇percept, ∇genera) | conflicting steps |",
                   "|---|---|---|---|---|"]
         for v in ("one-sided", "full"):
-            lines.append(f"| {LABELS[v]} | {_fmt(vals(v, 'top1'), 100)} | {_fmt(vals(v, 'fid'), 1, 2)} | "
-                         f"{_fmt(vals(v, 'align_cos_mean'), 1, 3)} | {_fmt(vals(v, 'align_conflict_share'), 100)}% |")
+            lines.append(f"| {LABELS[v]} | {fmt_mean_std(vals(v, 'top1'), 100)} | {fmt_mean_std(vals(v, 'fid'), 1, 2)} | "
+                         f"{fmt_mean_std(vals(v, 'align_cos_mean'), 1, 3)} | {fmt_mean_std(vals(v, 'align_conflict_share'), 100)}% |")
         lines.append("")
     if "14" in wanted:
         lines += ["## Table 14 — robustness to forward-noised inputs (Top-1 %)", "",
                   "| variant | t = 0 | t = 10 | t = 20 | t = 50 |", "|---|---|---|---|---|"]
         for v in ("none", "full"):
-            lines.append(f"| {LABELS[v]} | {_fmt(vals(v, 'top1'), 100)} | {_fmt(vals(v, 'top1_t10'), 100)} | "
-                         f"{_fmt(vals(v, 'top1_t20'), 100)} | {_fmt(vals(v, 'top1_t50'), 100)} |")
+            lines.append(f"| {LABELS[v]} | {fmt_mean_std(vals(v, 'top1'), 100)} | {fmt_mean_std(vals(v, 'top1_t10'), 100)} | "
+                         f"{fmt_mean_std(vals(v, 'top1_t20'), 100)} | {fmt_mean_std(vals(v, 'top1_t50'), 100)} |")
         lines.append("")
     lines += _overhead(results, vals)
     pcost = results.get("posterior_cost")

@@ -1,0 +1,24 @@
+"""What the experiment runners share: mean ± std cells and the machine line of their tables."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def fmt_mean_std(values, scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± sample std`` of the finite values (× ``scale``); one value alone; "–" for none."""
+    vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def machine_line() -> str:
+    """The machine a table was measured on, in words (CPU model, cores, GPU, torch)."""
+    from genperc.inference import machine_info
+
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} cores, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU") + f", torch {m['torch']}"
