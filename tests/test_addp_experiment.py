@@ -120,6 +120,11 @@ def test_a_run_interrupted_after_its_checkpoint_resumes(tmp_path):
     assert r["steps"] == 4
     steps = [int(line.split(",")[0]) for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == [2, 4]  # log_every 10: step 2 (first call, its last) then step 4 appended; a fresh run logs only 4
+    # a finished run asked for the perception estimate later gets it without retraining
+    job["calibrate"], job["calib_indices"] = True, [0, 1, 2, 3, 4, 5]
+    r2 = A.run_job(job)
+    assert "perception_c2" in r2 and r2["summary"] == r["summary"]
+    assert ("factors" in r2["perception_c2"]) != ("error" in r2["perception_c2"])
 
 
 def test_plot_step_curves(tmp_path):
@@ -129,3 +134,16 @@ def test_plot_step_curves(tmp_path):
     assert p.stat().st_size > 0
     with pytest.raises(UserError, match="no curves"):
         plot_step_curves({"a": {}}, tmp_path / "d.png")
+
+
+@pytest.mark.slow
+def test_referring_experiment_in_two_worker_processes(tmp_path, monkeypatch):
+    """The referring runs (MiniLM text, InstructPix2Pix guidance) in a pool of two spawned workers."""
+    tiny = A.Preset("demo", 32, {"train": 6, "val": 3, "test": 3}, steps=2, batch_size=2, eval_items=6,
+                    calib_items=6, workers=2, threads=1, overrides=["sample.steps=2", "train.warmup_steps=1"])
+    res = A.run_experiment("referring", "cpu", seeds=1, out=tmp_path, strategies="uniform,prob-authors",
+                           intensities="0,0.5", sizes=tiny, log=lambda m: None)
+    assert {"uniform-s0", "prob-authors-s0"} <= set(res["runs"]) and res["workers"] == 2
+    assert res["runs"]["prob-authors-s0"]["contributions"] == "addp-referring"
+    assert all(r["threads"] == 1 and 0 <= r["summary"]["oIoU"] <= 1 for r in res["runs"].values())
+    assert "RefCOCO val oIoU" in (tmp_path / "tables.md").read_text()

@@ -190,7 +190,10 @@ def run_job(job: dict) -> dict:
     run_dir = Path(job["run_dir"])
     done = run_dir / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if not job.get("calibrate") or "perception_c2" in result:
+            return result
+        return _save_result(done, result | {"perception_c2": _try_calibrate(load_run(run_dir), job)})
     cfg = load_config(base=job["config"])
     task = build.build_task(cfg)
     text = _text_encoder(cfg, task)
@@ -211,14 +214,22 @@ def run_job(job: dict) -> dict:
               "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
               "augment": cfg.train.augment}
     if job.get("calibrate"):
-        try:
-            result["perception_c2"] = _calibrate(run, job)
-        except UserError as e:  # e.g. a model so weak that every final IoU is 0: keep the run's scores
-            result["perception_c2"] = {"error": str(e)}
-    tmp = done.with_suffix(".tmp")
+        result["perception_c2"] = _try_calibrate(run, job)
+    return _save_result(done, result)
+
+
+def _save_result(path: Path, result: dict) -> dict:
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=float))
-    tmp.replace(done)
+    tmp.replace(path)
     return result
+
+
+def _try_calibrate(run, job: dict) -> dict:
+    try:
+        return _calibrate(run, job)
+    except UserError as e:  # e.g. a model so weak that every final IoU is 0: keep the run's scores
+        return {"error": str(e)}
 
 
 def _calibrate(run, job: dict) -> dict:
@@ -247,16 +258,6 @@ def _calibrate(run, job: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # the experiment
-
-
-@dataclass
-class Plan:
-    task: str
-    preset: str
-    seeds: int
-    strategies: list[str]
-    intensities: list[float]
-    sizes: Preset
 
 
 def _strategy_overrides(name: str, task: str, c_path: str | None) -> list[str]:
