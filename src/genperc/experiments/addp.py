@@ -275,7 +275,7 @@ def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3,
                    threads: int | None = None, sizes: Preset | None = None, log=print) -> dict:
     """Run the experiment (module docstring); returns the results dict also saved as JSON.
     ``sizes`` replaces the preset's :class:`Preset` (tests, custom sizes)."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
     p = preset_for(task, preset) if sizes is None else sizes
@@ -328,45 +328,54 @@ def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3,
                 "eval_split": "test", "eval_indices": test_idx, "eval_seed": 0, "calib_indices": val_idx,
                 "calibrate": calibrate}
 
-    def run_all(jobs: list[dict]) -> None:
-        jobs = [j for j in jobs if f"{j['name']}-s{j['seed']}" not in results["runs"]]
-        if not jobs:
+    def run_all(jobs: list[dict], then=lambda result: []) -> None:
+        """Run ``jobs`` (skipping finished ones) on the workers; ``then(result)`` may return more jobs,
+        queued as soon as their prerequisite finishes (no worker idles between the phases)."""
+        todo = [j for j in jobs if _key(j) not in results["runs"]]
+        for j in jobs:
+            if _key(j) in results["runs"]:
+                todo += [f for f in then(results["runs"][_key(j)]) if _key(f) not in results["runs"]]
+        if not todo:
             return
-        log(f"{len(jobs)} run(s): " + ", ".join(f"{j['name']}-s{j['seed']}" for j in jobs))
+        log(f"{len(todo)} run(s): " + ", ".join(_key(j) for j in todo))
         t0 = time.perf_counter()
-        if workers == 1 or len(jobs) == 1:
+        if workers == 1:
             _init_worker(threads)
-            done = ((j, run_job(j)) for j in jobs)
-            _collect(done, t0)
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
-                futures = {pool.submit(run_job, j): j for j in jobs}
-                _collect(((futures[f], f.result()) for f in as_completed(futures)), t0)
+            while todo:
+                j = todo.pop(0)
+                todo += _collect(j, run_job(j), t0, then)
+            return
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            pending = {pool.submit(run_job, j): j for j in todo}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    for extra in _collect(pending.pop(f), f.result(), t0, then):
+                        pending[pool.submit(run_job, extra)] = extra
 
-    def _collect(done, t0):
-        for j, r in done:
-            key = f"{j['name']}-s{j['seed']}"
-            results["runs"][key] = r
-            m = tsk.main_metric
-            log(f"  {key}: {m} {r['summary'][m]:.4f} (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s, "
-                f"{time.perf_counter() - t0:.0f} s into the phase)")
-            save()
+    def _collect(j: dict, r: dict, t0: float, then) -> list[dict]:
+        results["runs"][_key(j)] = r
+        m = tsk.main_metric
+        log(f"  {_key(j)}: {m} {r['summary'][m]:.4f} (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s, "
+            f"{time.perf_counter() - t0:.0f} s in)")
+        save()
+        return [f for f in then(r) if _key(f) not in results["runs"]]
 
-    # (a) strategies: everything but prob-perception, then prob-perception from each uniform model
-    first = [job(s, seed, _strategy_overrides(s, task, None), calibrate=(s == "uniform" and "prob-perception" in names))
-             for seed in range(seeds) for s in names if s != "prob-perception"]
-    run_all(first)
-    if "prob-perception" in names:
-        jobs = []
-        for seed in range(seeds):
-            est = results["runs"][f"uniform-s{seed}"].get("perception_c2", {})
-            if "path" in est:
-                jobs.append(job("prob-perception", seed, _strategy_overrides("prob-perception", task, est["path"])))
-            else:
-                log(f"  no perception c² from uniform-s{seed} ({est.get('error', 'not estimated')}): "
-                    f"prob-perception-s{seed} is left out")
-        run_all(jobs)
+    def perception_run(uniform: dict) -> list[dict]:
+        """The prob-perception run of a finished uniform run's seed, trained on its c_t² estimate."""
+        if uniform["name"] != "uniform" or "prob-perception" not in names:
+            return []
+        seed, est = uniform["seed"], uniform.get("perception_c2", {})
+        if "path" not in est:
+            log(f"  no perception c² from uniform-s{seed} ({est.get('error', 'not estimated')}): "
+                f"prob-perception-s{seed} is left out")
+            return []
+        return [job("prob-perception", seed, _strategy_overrides("prob-perception", task, est["path"]))]
+
+    # (a) strategies; each prob-perception run starts when its seed's uniform run (and estimate) is done
+    run_all([job(s, seed, _strategy_overrides(s, task, None), calibrate=(s == "uniform" and "prob-perception" in names))
+             for seed in range(seeds) for s in names if s != "prob-perception"], then=perception_run)
     best = best_strategy(results, names, seeds)
     results["best_strategy"] = best
     save()
@@ -383,6 +392,10 @@ def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3,
     save()
     plot_curves(results, out)
     return results
+
+
+def _key(job: dict) -> str:
+    return f"{job['name']}-s{job['seed']}"
 
 
 def _key_values(results: dict, name: str, metric: str, seeds: int, step: int | None = None) -> list[float]:
