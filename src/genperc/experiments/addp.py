@@ -544,7 +544,10 @@ def _c2_table(results: dict) -> list[str]:
 
 
 def _time_table(results: dict) -> list[str]:
-    names = list(dict.fromkeys(r["name"] for r in results["runs"].values()))
+    best = results.get("best_strategy")
+    order = list(results.get("strategies", [])) + [aug_name(best, v) for v in results.get("intensities", []) if best]
+    names = list(dict.fromkeys([n for n in order if any(r["name"] == n for r in results["runs"].values())]
+                               + [r["name"] for r in results["runs"].values()]))
     lines = ["## Training time per run (s, mean over seeds; equal steps — wall clock on a shared machine)", "",
              "| run | train (s) | images/s | test scoring (s) |", "|---|---|---|---|"]
     for n in names:
