@@ -147,3 +147,15 @@ def test_referring_experiment_in_two_worker_processes(tmp_path, monkeypatch):
     assert res["runs"]["prob-authors-s0"]["contributions"] == "addp-referring"
     assert all(r["threads"] == 1 and 0 <= r["summary"]["oIoU"] <= 1 for r in res["runs"].values())
     assert "RefCOCO val oIoU" in (tmp_path / "tables.md").read_text()
+
+
+@pytest.mark.parametrize("key", sorted(A.PRESETS))
+def test_every_preset_resolves_to_a_valid_config(key, tmp_path):
+    task, preset = key
+    p = A.preset_for(task, preset)
+    cfg = A.base_config(task, p, tmp_path, [])
+    assert cfg.task == task and cfg.model.sample_size == cfg.data.resolution == p.resolution
+    assert cfg.train.steps == p.steps and cfg.train.batch_size == p.batch_size and cfg.train.augment == 0
+    assert cfg.diffusion.prediction_type == "x0"  # the paper's recommendation with augmentation
+    per_scene = 1 if task == "depth" else 4  # items per scene: one depth map, several expressions
+    assert p.eval_items <= p.scenes["test"] * per_scene and p.calib_items <= p.scenes["val"] * per_scene
