@@ -90,7 +90,7 @@ PRESETS = {
     ("depth", "cpu"): Preset("cpu-depth", 32, {"train": 1000, "val": 128, "test": 128}, steps=400, batch_size=16,
                              eval_items=128, calib_items=128, workers=2, threads=1,
                              overrides=["train.lr=1e-3", "sample.steps=10"]),
-    ("referring", "gpu"): Preset("gpu-small", 64, {"train": 6000, "val": 100, "test": 100}, steps=1500, batch_size=64,
+    ("referring", "gpu"): Preset("gpu-small", 64, {"train": 6000, "val": 100, "test": 200}, steps=1500, batch_size=64,
                                  eval_items=500, calib_items=256, spp=16,
                                  overrides=["sample.sampler=euler-a", "sample.steps=20", "sample.text_scale=3.0",
                                             "sample.image_scale=1.5"]),
