@@ -203,7 +203,7 @@ def run_job(job: dict) -> dict:
     tr = trainer.train(resume=resume)
     train_s = time.perf_counter() - t0
     del trainer
-    run = load_run(run_dir, text_encoder=text, device="cpu" if not torch.cuda.is_available() else None)
+    run = load_run(run_dir, text_encoder=text)
     t0 = time.perf_counter()
     sm, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
     eval_s = time.perf_counter() - t0
