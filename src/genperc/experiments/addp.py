@@ -55,9 +55,10 @@ TABLE5 = ("uniform", "loss-diffusion", "prob-diffusion", "prob-perception")
 INTENSITIES = (0.0, 0.5, 1.0, 2.0)
 #: RefCOCO val oIoU of Table 5 (SD 1.5 InstructPix2Pix, 20-epoch ablation; REFERENCE.md)
 PAPER_TABLE5 = {"uniform": 56.42, "loss-diffusion": 58.21, "prob-diffusion": 63.05, "prob-perception": 64.00}
-#: the columns of each task's tables: (metric key, label, scale)
-COLUMNS = {"referring": (("oIoU", "oIoU (%) ↑", 100), ("mIoU", "mIoU (%) ↑", 100), ("Prec@0.5", "Prec@0.5 (%) ↑", 100)),
-           "depth": (("AbsRel", "AbsRel (%) ↓", 100), ("delta1", "δ1 (%) ↑", 100), ("RMSE", "RMSE (m) ↓", 1))}
+#: the columns of each task's tables: (metric key, label, scale, digits)
+COLUMNS = {"referring": (("oIoU", "oIoU (%) ↑", 100, 1), ("mIoU", "mIoU (%) ↑", 100, 1),
+                         ("Prec@0.5", "Prec@0.5 (%) ↑", 100, 1)),
+           "depth": (("AbsRel", "AbsRel (%) ↓", 100, 2), ("delta1", "δ1 (%) ↑", 100, 1), ("RMSE", "RMSE (m) ↓", 1, 3))}
 
 # The world of the experiment: the demo's (CLEVR shapes without red, 3–5 objects, a close camera).
 WORLD = dict(min_objects=3, max_objects=5, camera_distance=(6.5, 8.0),
@@ -457,7 +458,8 @@ def render_tables(results: dict) -> str:
     lines += ["## Table 5 — timestep strategies (equal data and compute)", "", header,
               "|" + "---|" * (header.count("|") - 1)]
     for n in results.get("strategies", []):
-        row = f"| {STRATEGIES[n][2]} | " + " | ".join(fmt_mean_std(_key_values(results, n, k, seeds), s) for k, _, s in cols) + " |"
+        row = f"| {STRATEGIES[n][2]} | " + " | ".join(fmt_mean_std(_key_values(results, n, k, seeds), s, d)
+                                                   for k, _, s, d in cols) + " |"
         if paper:
             row += f" {PAPER_TABLE5.get(n, '–')} |"
         lines.append(row)
@@ -470,8 +472,8 @@ def render_tables(results: dict) -> str:
         lines += [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
                   "| intensity | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for v in results.get("intensities", []):
-            lines.append(f"| {v:g}× | " + " | ".join(fmt_mean_std(_key_values(results, aug_name(best, v), k, seeds), s)
-                                                     for k, _, s in cols) + " |")
+            lines.append(f"| {v:g}× | " + " | ".join(fmt_mean_std(_key_values(results, aug_name(best, v), k, seeds), s, d)
+                                                     for k, _, s, d in cols) + " |")
         lines.append("")
         lines += _curve_table(results)
     lines += _c2_table(results)
@@ -496,7 +498,7 @@ def final_name(results: dict) -> str | None:
 
 def _curve_table(results: dict) -> list[str]:
     m, seeds = results["main_metric"], results["seeds"]
-    scale = dict((k, s) for k, _, s in COLUMNS[results["task"]])[m]
+    scale = {k: s for k, _, s, _ in COLUMNS[results["task"]]}[m]
     final = final_name(results)
     rows = [("uniform (before)", "uniform"), (f"{final} (after)", final)]
     ref = results["runs"].get("uniform-s0")
