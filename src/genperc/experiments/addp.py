@@ -436,10 +436,6 @@ def aug_name(best: str, v: float) -> str:
     return best if v == 0 else f"{best}-aug{v:g}"
 
 
-
-
-
-
 def render_tables(results: dict) -> str:
     task, seeds = results["task"], results["seeds"]
     cols = COLUMNS[task]
@@ -570,11 +566,10 @@ def plot_curves(results: dict, out: Path) -> list[Path]:
     def curves(names: dict[str, str]) -> dict:
         cs = {}
         for label, n in names.items():
-            rows = [[s[m] for s in results["runs"][f"{n}-s{k}"]["per_step"]] for k in range(seeds)
-                    if f"{n}-s{k}" in results["runs"]]
-            if rows:
-                ts = results["runs"][f"{n}-s0"]["timesteps"] if f"{n}-s0" in results["runs"] else None
-                cs[label] = (ts, torch.tensor(rows, dtype=torch.float64))
+            runs = [results["runs"][f"{n}-s{k}"] for k in range(seeds) if f"{n}-s{k}" in results["runs"]]
+            if runs:
+                rows = [[s[m] for s in r["per_step"]] for r in runs]
+                cs[label] = (runs[0]["timesteps"], torch.tensor(rows, dtype=torch.float64))
         return cs
 
     panels = {"timestep strategy": curves({STRATEGIES[n][2]: n for n in results.get("strategies", [])})}
