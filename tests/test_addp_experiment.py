@@ -147,6 +147,7 @@ def test_referring_experiment_in_two_worker_processes(tmp_path, monkeypatch):
     assert res["runs"]["prob-authors-s0"]["contributions"] == "addp-referring"
     assert all(r["threads"] == 1 and 0 <= r["summary"]["oIoU"] <= 1 for r in res["runs"].values())
     assert "RefCOCO val oIoU" in (tmp_path / "tables.md").read_text()
+    assert any(k.endswith("/oIoU") for k in res["runs"]["uniform-s0"]["summary"])  # per expression family
 
 
 @pytest.mark.parametrize("key", sorted(A.PRESETS))

@@ -58,7 +58,8 @@ def test_step_metrics_shapes_files_and_round_trip(tmp_path, dataset, text_encode
                        sample_cfg=SAMPLE, samples=5, seed=0)
     assert res.metric == "IoU" and res.matrix.shape == (5, 3) and res.indices == [0, 1, 2, 3, 4]
     assert res.timesteps.tolist() == SCHED.timesteps("ddim", 3).tolist() and res.timesteps[0] > res.timesteps[-1]
-    assert set(res.values) == {"I", "U", "IoU"}  # the per-sample tensors; lists (family) are skipped
+    assert set(res.values) == {"I", "U", "IoU"}  # the per-sample tensors; lists (family) are kept once:
+    assert res.labels["family"] == [dataset[i]["family"] for i in range(5)]
     paths = write_step_metrics(res, tmp_path / "out", {"T": 1000})
     assert paths["plot"].stat().st_size > 1000
     summary = json.loads(paths["json"].read_text())

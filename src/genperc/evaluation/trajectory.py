@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class StepMetrics:
     values: dict[str, Tensor]  # metric key → float [N, S]
     metric: str  # the main per-sample key
     indices: list[int]  # dataset index of each row
+    labels: dict[str, list] = field(default_factory=dict)  # per-sample lists the task reports (e.g. family)
 
     @property
     def matrix(self) -> Tensor:
@@ -106,6 +107,7 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
     rows: dict[str, list[Tensor]] = {}
     timesteps: list[int] | None = None
     indices: list[int] = []
+    labels: dict[str, list] = {}
     iterator = loader
     if progress:
         from tqdm.auto import tqdm
@@ -121,6 +123,10 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
         def score(step, batch=batch, per_step=per_step, seen=seen):
             x0 = space.decode(step.pred_x0).clamp(-1, 1).cpu()
             m = task.metrics(task.decode(x0, batch), batch)
+            if not per_step:  # lists do not change with the step: keep them once
+                for k, v in m.items():
+                    if isinstance(v, list):
+                        labels.setdefault(k, []).extend(v)
             per_step.append({k: v.detach().float().cpu() for k, v in m.items()
                              if isinstance(v, Tensor) and v.ndim == 1})  # lists (e.g. family) are not per-step
             seen.append(step.timestep)
@@ -138,7 +144,7 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
             indices.extend(range(len(indices), len(indices) + tb.x0.shape[0]))
     values = {k: torch.cat(v, 0) for k, v in rows.items()}
     key = per_sample_metric_key(task, values, metric)
-    return StepMetrics(torch.tensor(timesteps, dtype=torch.long), values, key, [int(i) for i in indices])
+    return StepMetrics(torch.tensor(timesteps, dtype=torch.long), values, key, [int(i) for i in indices], labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,15 +166,10 @@ def _step_scores(run, split: str, indices: list[int], seed: int):
     from genperc.evaluation.trajectory import step_metrics
 
     dataset = run.task.dataset(open_scene_source(run.cfg.data, split), run.cfg.data.resolution)
-    indices = [i for i in indices if i < len(dataset)]
-    subset = Subset(dataset, indices)
+    subset = Subset(dataset, [i for i in indices if i < len(dataset)])
     sm = step_metrics(run.model, run.task, subset, schedule=run.schedule, space=run.space,
                       text_encoder=run.text_encoder, sample_cfg=run.cfg.sample, seed=seed, device=run.device)
-    extra = {}
-    first = dataset[indices[0]] if indices else {}
-    if "family" in first:
-        extra["family"] = [dataset[i]["family"] for i in indices]
-    per_step = [run.task.summarize({**{k: v[:, j] for k, v in sm.values.items()}, **extra})
+    per_step = [run.task.summarize({**{k: v[:, j] for k, v in sm.values.items()}, **sm.labels})
                 for j in range(len(sm.timesteps))]
     return sm, per_step
 
