@@ -7,14 +7,11 @@ import torch
 
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
+from genperc.diffusion.variance import learned_log_variance
 from genperc.models.heads import FeatureTaps, HeadConfig, PerceptionHeads, default_taps
 from genperc.models.presets import create_denoiser
 from genperc.models.semantic import GenRepModel, SemanticConfig, build_genrep_model, rep_align_loss
-from genperc.training.objectives import (
-    HybridDiffusionObjective,
-    discretized_gaussian_log_likelihood,
-    learned_log_variance,
-)
+from genperc.training.objectives import HybridDiffusionObjective, discretized_gaussian_log_likelihood
 from genperc.training.strategies import StepContext
 
 SCHED = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, learned_variance=True,

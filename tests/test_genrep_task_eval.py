@@ -15,8 +15,8 @@ from genperc.evaluation.genrep import (
     reliability_diagram,
     sample_grid,
 )
+from genperc.metrics import expected_calibration_error
 from genperc.tasks import create_task
-from genperc.tasks.classification import expected_calibration_error
 
 FIXTURE = Path(__file__).parent / "fixtures" / "world" / "single32"
 

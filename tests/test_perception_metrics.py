@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from genperc.evaluation import metrics as M
+from genperc import metrics as M
 from genperc.tasks.depth import ensemble_depth, normalise_depth
 
 

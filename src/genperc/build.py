@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from genperc.config import RunConfig
-from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import NoiseSchedule
 from genperc.errors import UserError
 from genperc.tasks import Task, create_task
@@ -76,22 +75,3 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     if not ckpts:
         raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}", "train longer than train.checkpoint_every steps or resume the run")
     return ckpts[-1]
-
-
-def make_conditioning(tb, text_encoder, space, device) -> Conditioning:
-    """A task batch's conditions on ``device``: text states, the image in the model's space, labels."""
-    text = mask = None
-    if tb.texts is not None and text_encoder is not None:
-        text, mask = text_encoder.encode(tb.texts)
-        text, mask = text.to(device), mask.to(device)
-    image = space.encode(tb.image.to(device)) if tb.image is not None else None
-    labels = tb.class_labels.to(device) if tb.class_labels is not None else None
-    return Conditioning(text=text, text_mask=mask, image=image, class_labels=labels)
-
-
-def null_conditioning(text_encoder, device) -> Conditioning:
-    """The null text (embedding of "", InstructPix2Pix) used by dropout and guidance."""
-    if text_encoder is None:
-        return Conditioning()
-    text, mask = text_encoder.null()
-    return Conditioning(text=text.to(device), text_mask=mask.to(device))

@@ -156,8 +156,8 @@ def fit_steps_to_budget(trainer, seconds: float, probe: int = 3) -> tuple[int, i
 def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: list[str] | None = None,
              train_scenes: int = 2000, val_scenes: int = 12, eval_limit: int | None = 240, examples: int = 9,
              workers: int = 2, seed: int = 0) -> dict:
+    from genperc import images as V
     from genperc.data.sources import open_scene_source
-    from genperc.evaluation import visualize as V
     from genperc.inference import evaluate_run, load_run, machine_info, predict_files
     from genperc.training.trainer import Trainer
 

@@ -202,7 +202,7 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
                   text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
     """``genperc predict``: read the image, predict, write the task's files, the generated target
     image and ``<stem>.json`` (what was done) into ``out``. Returns (paths, notes)."""
-    from genperc.evaluation import visualize as V
+    from genperc import images as V
 
     image, notes = load_image(image_path)
     pred, generated, more = predict(run, image, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble,

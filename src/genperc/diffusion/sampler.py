@@ -64,6 +64,9 @@ class TrajectoryStep:
     pred_x0:  [B, C, H, W] x̂0 used by the transition (after clipping if ``clip_x0``).
     mean:     [B, C, H, W] mean of the next state.
     variance: variance of the next state, 0-d (fixed) or [B, C, H, W] (learned); broadcastable.
+    prev_timestep: the timestep of the next state as the step computed it (−1: the clean x0). The
+              one place the sampler's stride lives: DDIM's t − T//S, DDPM's and Euler's scheduler
+              ``previous_timestep`` — consumers (the GenRep posterior) read it instead of recomputing.
     """
 
     index: int
@@ -72,6 +75,7 @@ class TrajectoryStep:
     pred_x0: Tensor
     mean: Tensor
     variance: Tensor
+    prev_timestep: int = -1
 
 
 @dataclass
@@ -83,13 +87,15 @@ class Trajectory:
     pred_x0: Tensor  # [S, B, C, H, W]
     mean: Tensor  # [S, B, C, H, W]
     variance: Tensor  # [S] or [S, B, C, H, W]
+    prev_timesteps: Tensor | None = None  # LongTensor [S]
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
     def __getitem__(self, i: int) -> TrajectoryStep:
+        prev = int(self.prev_timesteps[i]) if self.prev_timesteps is not None else -1
         return TrajectoryStep(int(i) if i >= 0 else len(self) + int(i), int(self.timesteps[i]),
-                              self.x_t[i], self.pred_x0[i], self.mean[i], self.variance[i])
+                              self.x_t[i], self.pred_x0[i], self.mean[i], self.variance[i], prev)
 
     @staticmethod
     def from_steps(steps: Sequence[TrajectoryStep]) -> Trajectory:
@@ -102,6 +108,7 @@ class Trajectory:
             variance=torch.stack(
                 [s.variance if fixed else s.variance.expand_as(s.mean) for s in steps]
             ),
+            prev_timesteps=torch.tensor([s.prev_timestep for s in steps], dtype=torch.long),
         )
 
 
@@ -121,6 +128,7 @@ class _Recorder:
         self.num_steps, self.device, self.n = num_steps, device, 0
         self.buf: dict[str, Tensor] = {}
         self.timesteps = torch.zeros(num_steps, dtype=torch.long)
+        self.prev_timesteps = torch.zeros(num_steps, dtype=torch.long)
 
     def add(self, s: TrajectoryStep):
         if not self.buf:
@@ -132,13 +140,15 @@ class _Recorder:
             self.buf[k][self.n].copy_(getattr(s, k))
         self.buf["variance"][self.n].copy_(s.variance.expand(self.buf["variance"].shape[1:]))
         self.timesteps[self.n] = s.timestep
+        self.prev_timesteps[self.n] = s.prev_timestep
         self.n += 1
 
     def result(self) -> Trajectory | None:
         if not self.buf:
             return None
         n = self.n
-        return Trajectory(self.timesteps[:n], *(self.buf[k][:n] for k in ("x_t", "pred_x0", "mean", "variance")))
+        return Trajectory(self.timesteps[:n], *(self.buf[k][:n] for k in ("x_t", "pred_x0", "mean", "variance")),
+                          prev_timesteps=self.prev_timesteps[:n])
 
 
 def _model_timestep(t: Tensor, batch: int, device) -> Tensor:
@@ -318,13 +328,15 @@ def _sample(model, x_T_or_shape, cond, *, schedule, sampler, num_steps, guidance
             x0 = stepped.pred_original_sample.to(x_t.dtype)
             if sampler == "euler-a":
                 mean, var = _euler_transition(x0, state, sigma, sigma_next, x_t)
+                t_prev = int(round(float(timesteps[i + 1]))) if i + 1 < len(timesteps) else -1
             elif sampler == "ddim":
                 t_prev = int(t) - T // num_steps
                 eps = convert_prediction(pred_s, sched_type, "eps", x_t, ab_t)
                 mean, var = posterior_from_alpha_bar(x0, x_t, ab_t, schedule.alpha_bar(t_prev), eta=eta, eps=eps)
             else:
-                mean, var = _ddpm_transition(schedule, x0, x_t, int(t), int(scheduler.previous_timestep(t)), var_v)
-            step = TrajectoryStep(i, int(round(float(t))), x_t, x0, mean, var)
+                t_prev = int(scheduler.previous_timestep(t))
+                mean, var = _ddpm_transition(schedule, x0, x_t, int(t), t_prev, var_v)
+            step = TrajectoryStep(i, int(round(float(t))), x_t, x0, mean, var, max(t_prev, -1))
             if recorder is not None:
                 recorder.add(step)
             if callback is not None:

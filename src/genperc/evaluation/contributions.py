@@ -329,6 +329,6 @@ def plot_contributions(result: ContributionResult, path, compare: dict | None = 
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
     ax.set_title(title or f"ADDP contribution factors (N={result.n_samples}, R²={result.explained:.2f})", fontsize=9)
-    from genperc.evaluation.visualize import save_figure
+    from genperc.images import save_figure
 
     return save_figure(fig, path)

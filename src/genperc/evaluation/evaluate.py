@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from genperc.build import make_conditioning, null_conditioning
 from genperc.errors import UserError
+from genperc.models.conditioning import make_conditioning, null_conditioning
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from genperc.diffusion.conditioning import Conditioning
 from genperc.errors import UserError
-from genperc.tasks.classification import expected_calibration_error, reliability_bins
+from genperc.metrics import expected_calibration_error, reliability_bins
 
 
 @dataclass
@@ -148,7 +148,7 @@ def reliability_diagram(logits: Tensor, labels: Tensor, path, title: str = "", b
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left")
-    from genperc.evaluation.visualize import save_figure
+    from genperc.images import save_figure
 
     return save_figure(fig, path)
 

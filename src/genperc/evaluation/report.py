@@ -87,7 +87,7 @@ def training_curve(metrics_csv: Path, out_png: Path, smooth: int = 10) -> Path |
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    from genperc.evaluation.visualize import save_figure
+    from genperc.images import save_figure
 
     return save_figure(fig, out_png)
 

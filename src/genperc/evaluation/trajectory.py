@@ -88,10 +88,10 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
     from ``sample_cfg``."""
     from torch.utils.data import DataLoader
 
-    from genperc.build import make_conditioning, null_conditioning
     from genperc.data.datasets import collate
     from genperc.diffusion.sampler import sample
     from genperc.evaluation.evaluate import make_guidance
+    from genperc.models.conditioning import make_conditioning, null_conditioning
 
     n = len(dataset) if samples is None else min(int(samples), len(dataset))
     if n < 1:
@@ -234,7 +234,7 @@ def plot_step_metrics(values: dict[str, Tensor] | Tensor, timesteps, path, metri
         ax.legend(fontsize=7)
     n = next(iter(values.values())).shape[0]
     fig.suptitle(title or f"per-step {metric} of the predicted x̂0 (N={n}, {len(ts)} steps)", fontsize=9)
-    from genperc.evaluation.visualize import save_figure
+    from genperc.images import save_figure
 
     return save_figure(fig, path)
 
@@ -267,7 +267,7 @@ def plot_step_curves(panels: dict[str, dict], path, ylabel: str = "metric") -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genperc.evaluation.visualize import save_figure
+    from genperc.images import save_figure
 
     panels = {k: v for k, v in panels.items() if v}
     if not panels:

@@ -408,7 +408,7 @@ def _key_values(results: dict, name: str, metric: str, seeds: int, step: int | N
 
 
 def _better(metric: str):
-    from genperc.evaluation.metrics import LOWER_IS_BETTER
+    from genperc.metrics import LOWER_IS_BETTER
 
     return (lambda a, b: a < b) if metric in LOWER_IS_BETTER else (lambda a, b: a > b)
 

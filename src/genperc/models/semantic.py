@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genperc.diffusion.conditioning import Conditioning
+from genperc.diffusion.variance import log_beta_range
 from genperc.errors import UserError
 from genperc.models.denoiser import Denoiser, DenoiserConfig
 from genperc.models.heads import FeatureTaps, HeadConfig, PerceptionHeads, available_taps, default_taps
@@ -164,13 +165,6 @@ def rep_align_loss(projected: Tensor, target: Tensor) -> Tensor:
         else:
             target = F.interpolate(target, size=(ph, pw), mode="bilinear", align_corners=False)
     return -F.cosine_similarity(projected.float(), target.detach().float(), dim=1).mean()
-
-
-def log_beta_range(schedule) -> Tensor:
-    """log β_t − log β̃_t for every training t (β̃_0 → β̃_1, as the hybrid loss uses)."""
-    from genperc.training.objectives import clipped_log_posterior_variance
-
-    return schedule.betas.log() - clipped_log_posterior_variance(schedule)
 
 
 class GenRepModel(nn.Module):

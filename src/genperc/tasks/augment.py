@@ -356,6 +356,6 @@ def augmentation_figure(task_name: str, out, *, source: str = "toy", path=None, 
             if r == 0:
                 ax.set_title("clean x0" if c == 0 else f"t={int(timesteps[c - 1])}", fontsize=8)
     fig.suptitle(f"ADDP diffusion-tailored augmentation: {task_name}, intensity {intensity:g}", fontsize=9)
-    from genperc.evaluation.visualize import save_figure
+    from genperc.images import save_figure
 
     return save_figure(fig, out)

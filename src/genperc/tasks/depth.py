@@ -16,7 +16,7 @@
   minimise the RMS of all pairwise differences of the aligned members plus
   0.02·(|min m| + |1 − max m|) on their per-pixel median m (members mapped to [0, 1] first and
   initialised to span [0, 1]), by L-BFGS; the result is the median, renormalised to [0, 1].
-* **Metrics** (Marigold's evaluation): :func:`genperc.evaluation.metrics.depth_metrics` — LSQ scale
+* **Metrics** (Marigold's evaluation): :func:`genperc.metrics.depth_metrics` — LSQ scale
   and shift over valid pixels, clip to ``[min_depth, max_depth]`` and ≥ 1e-6, AbsRel, SqRel,
   RMSE, RMSE-log, log10, δ1–3 (strict), SIlog, per image then averaged.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from genperc import metrics as M
 from genperc.errors import UserError
-from genperc.evaluation import metrics as M
 from genperc.tasks.base import Task, TaskBatch
 
 
@@ -158,7 +158,7 @@ class DepthTask(Task):
 
     def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
         """16-bit PNG of the affine-invariant depth (0 = near, 65535 = far) and a colourised PNG."""
-        from genperc.evaluation import visualize as V
+        from genperc import images as V
 
         d = prediction.reshape(prediction.shape[-2:]).float()
         d01 = ((d + 1) / 2).clamp(0, 1)

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from genperc import metrics as M
 from genperc.errors import UserError
-from genperc.evaluation import metrics as M
 from genperc.tasks.base import Task, TaskBatch
 from genperc.tasks.depth import ensemble_depth, normalise_depth
 
@@ -402,7 +402,7 @@ class GeneralistTask(Task):
     # -- prediction files -------------------------------------------------------------------
 
     def export(self, prediction: dict, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
-        from genperc.evaluation import visualize as V
+        from genperc import images as V
         from genperc.tasks.depth import DepthTask
         from genperc.tasks.referring import ReferringTask
 

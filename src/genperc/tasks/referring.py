@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from genperc import metrics as M
 from genperc.errors import UserError
-from genperc.evaluation import metrics as M
 from genperc.tasks.base import Task, TaskBatch
 
 RED = (1.0, -1.0, -1.0)  # pure red in [-1, 1]
@@ -123,7 +123,7 @@ class ReferringTask(Task):
 
     def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
         """Binary mask PNG (0/255) at the image's size and a red overlay."""
-        from genperc.evaluation import visualize as V
+        from genperc import images as V
 
         mask = V.resize_mask(prediction.reshape(prediction.shape[-2:]), image.shape[:2])
         return [V.save_mask(mask, out_dir / f"{stem}_mask.png"),

@@ -35,26 +35,8 @@ import torch
 from torch import Tensor
 
 from genperc.diffusion.schedule import NoiseSchedule
+from genperc.diffusion.variance import clipped_log_posterior_variance, learned_log_variance
 from genperc.training.strategies import StepContext
-
-
-def clipped_log_posterior_variance(schedule: NoiseSchedule) -> Tensor:
-    """log β̃_t for every training t (float64), with β̃_0 replaced by β̃_1 (improved DDPM)."""
-    ab = schedule.alphas_cumprod
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    betas = schedule.betas
-    post = betas * (1 - ab_prev) / (1 - ab)
-    post = torch.cat([post[1:2], post[1:]])
-    return post.log()
-
-
-def learned_log_variance(schedule: NoiseSchedule, v: Tensor, t: Tensor) -> Tensor:
-    """log Σ_θ = frac·log β_t + (1 − frac)·log β̃_t (clipped), frac = (v + 1)/2, per element."""
-    t = torch.as_tensor(t, device=v.device).long().reshape(-1)
-    max_log = schedule.betas.log()[t.cpu()].to(v.device, v.dtype).view(-1, *([1] * (v.ndim - 1)))
-    min_log = clipped_log_posterior_variance(schedule)[t.cpu()].to(v.device, v.dtype).view(-1, *([1] * (v.ndim - 1)))
-    frac = (v + 1) / 2
-    return min_log + frac * (max_log - min_log)  # = frac·max + (1−frac)·min, without cancellation for large |v|
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:

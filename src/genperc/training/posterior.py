@@ -182,7 +182,7 @@ def _chunk_log_densities(model, xb: Tensor, classes: Tensor, seeds: Tensor, *, s
                          density: str) -> tuple[Tensor, Tensor]:
     """One sampler call for images ``xb`` × ``classes``: rows (image r // K, class r % K)."""
     from genperc.diffusion.sampler import sample
-    from genperc.training.objectives import clipped_log_posterior_variance, learned_log_variance
+    from genperc.diffusion.variance import clipped_log_posterior_variance, learned_log_variance
 
     K = int(classes.numel())
     nb, C = xb.shape[:2]

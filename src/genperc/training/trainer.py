@@ -40,6 +40,7 @@ from genperc.config import RunConfig
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.timesteps import build_timestep_sampler
 from genperc.errors import UserError
+from genperc.models.conditioning import make_conditioning, null_conditioning
 from genperc.training.strategies import DiffusionObjective, StepContext, SumCombiner, conditioning_dropout
 
 
@@ -133,7 +134,7 @@ class Trainer:
     def null_conditioning(self) -> Conditioning:
         """The null text (embedding of "") used by conditioning dropout."""
         if self._null is None:
-            null = build.null_conditioning(self.text_encoder, self.accelerator.device)
+            null = null_conditioning(self.text_encoder, self.accelerator.device)
             num_classes = getattr(getattr(self.unwrapped, "config", None), "num_classes", 0) or 0
             if num_classes:  # the null class is index num_classes (models.denoiser)
                 null = null.replace(class_labels=torch.tensor([num_classes], device=self.accelerator.device))
@@ -163,7 +164,7 @@ class Trainer:
             augmented = self.task.augment(tb, t, self.generator)
             x0 = self.space.encode(x0_pixels)
             x0_aug = x0 if augmented is tb.x0 else self.space.encode(augmented.to(device))
-            cond = build.make_conditioning(tb, self.text_encoder, self.space, device)
+            cond = make_conditioning(tb, self.text_encoder, self.space, device)
         cond = conditioning_dropout(cond, self.null_conditioning(), self.cfg.train.cond_dropout, self.generator)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.generator.device).to(device)
         x_t = self.schedule.add_noise(x0_aug, noise, t)

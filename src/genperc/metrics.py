@@ -12,6 +12,8 @@
 * Detection: COCO mAP@0.5 computed by pycocotools' ``COCOeval`` (101-point interpolated AP at IoU
   0.5, all areas, 100 detections per image); every detection carries a confidence score so that the
   ranking is defined.
+* Calibration: expected calibration error (Guo et al. 2017) over equal-width confidence bins, and
+  the per-bin numbers of a reliability diagram.
 """
 
 from __future__ import annotations
@@ -215,3 +217,36 @@ def coco_map50(ground_truth: list[dict], detections: list[dict], categories: lis
 def nanmean(values) -> float:
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): Σ_b |B_b|/N · |acc(B_b) − conf(B_b)| over ``bins`` equal-width bins
+    of (0, 1]; a confidence of exactly 0 falls in the first bin."""
+    conf = confidence.double().reshape(-1)
+    corr = correct.double().reshape(-1)
+    n = conf.numel()
+    if n == 0:
+        return float("nan")
+    idx = (conf * bins).ceil().long().clamp(1, bins) - 1
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += float(m.sum()) / n * abs(float(corr[m].mean()) - float(conf[m].mean()))
+    return total
+
+
+def reliability_bins(confidence: Tensor, correct: Tensor, bins: int = 15) -> dict[str, list]:
+    """Per-bin count, mean confidence and accuracy (for a reliability diagram)."""
+    conf = confidence.double().reshape(-1)
+    corr = correct.double().reshape(-1)
+    idx = (conf * bins).ceil().long().clamp(1, bins) - 1
+    out = {"lower": [], "upper": [], "count": [], "confidence": [], "accuracy": []}
+    for b in range(bins):
+        m = idx == b
+        out["lower"].append(b / bins)
+        out["upper"].append((b + 1) / bins)
+        out["count"].append(int(m.sum()))
+        out["confidence"].append(float(conf[m].mean()) if m.any() else float("nan"))
+        out["accuracy"].append(float(corr[m].mean()) if m.any() else float("nan"))
+    return out

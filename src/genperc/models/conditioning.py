@@ -1,0 +1,27 @@
+"""A task batch's conditions as the denoiser receives them: text states, the condition image in the
+model's space (pixels or VAE latents), class labels — and the null conditions (InstructPix2Pix's
+embedding of "" and no class) that dropout and guidance fall back to.
+"""
+
+from __future__ import annotations
+
+from genperc.diffusion.conditioning import Conditioning
+
+
+def make_conditioning(tb, text_encoder, space, device) -> Conditioning:
+    """A task batch's conditions on ``device``: text states, the image in the model's space, labels."""
+    text = mask = None
+    if tb.texts is not None and text_encoder is not None:
+        text, mask = text_encoder.encode(tb.texts)
+        text, mask = text.to(device), mask.to(device)
+    image = space.encode(tb.image.to(device)) if tb.image is not None else None
+    labels = tb.class_labels.to(device) if tb.class_labels is not None else None
+    return Conditioning(text=text, text_mask=mask, image=image, class_labels=labels)
+
+
+def null_conditioning(text_encoder, device) -> Conditioning:
+    """The null text (embedding of "", InstructPix2Pix) used by dropout and guidance."""
+    if text_encoder is None:
+        return Conditioning()
+    text, mask = text_encoder.null()
+    return Conditioning(text=text.to(device), text_mask=mask.to(device))
