@@ -198,8 +198,9 @@ def test_record_false_keeps_and_computes_nothing(monkeypatch):
         raise AssertionError("step description computed although nobody asked for it")
 
     monkeypatch.setattr(sampler_mod, "posterior_from_alpha_bar", boom)
-    monkeypatch.setattr(sampler_mod, "_euler_transition", boom)
-    monkeypatch.setattr(sampler_mod, "_ddpm_transition", boom)
+    monkeypatch.setattr(sampler_mod._Stepper, "describe", boom)
+    for stepper in sampler_mod.STEPPERS.values():
+        monkeypatch.setattr(stepper, "transition", boom)
     for kind in ("ddpm", "ddim", "euler-a"):
         out = sample(smooth_model, SHAPE, schedule=_schedule(), sampler=kind, num_steps=3,
                      generator=torch.Generator().manual_seed(0))

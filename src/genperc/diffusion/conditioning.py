@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from genperc.errors import UserError
+
 
 @dataclass
 class Conditioning:
@@ -66,12 +68,46 @@ class Conditioning:
             **{f.name: (None if getattr(self, f.name) is None else rep(getattr(self, f.name))) for f in fields(self)}
         )
 
+    def broadcast_to_batch(self, batch: int) -> Conditioning:
+        """Expand every field of batch size 1 to ``batch`` (a view); fields of size ``batch`` stay."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and v.shape[0] != batch:
+                if v.shape[0] != 1:
+                    raise UserError(
+                        f"condition field '{f.name}' has batch size {v.shape[0]}, expected {batch} or 1",
+                        "give the null / negative condition one row or one row per sample",
+                    )
+                v = v.expand(batch, *v.shape[1:])
+            out[f.name] = v
+        return Conditioning(**out)
+
+    def pad_text(self, length: int) -> Conditioning:
+        """Right-pad ``text`` and ``text_mask`` with zeros (mask False) to ``length`` tokens.
+
+        The one home of text padding: concatenating branches of different prompt lengths
+        (:meth:`cat`) and swapping in the null text (training's conditioning dropout) both use it.
+        A model that honours ``text_mask`` gives the same output before and after padding; the
+        tokenizers used here pad on the right as well. No text, or already ``length`` tokens:
+        returned unchanged. A text without a mask gets one (all its own tokens real).
+        """
+        if self.text is None or self.text.shape[1] == length:
+            return self
+        if self.text.shape[1] > length:
+            raise ValueError(f"cannot pad {self.text.shape[1]} tokens to {length}")
+        mask = self.text_mask
+        if mask is None:
+            mask = torch.ones(self.text.shape[:2], dtype=torch.bool, device=self.text.device)
+        return self.replace(text=_pad_tokens(self.text, length), text_mask=_pad_tokens(mask, length))
+
     @staticmethod
     def cat(conds: list[Conditioning]) -> Conditioning:
-        """Concatenate along the batch axis; text of different lengths is right-padded (mask False).
-
-        A field must be present in all or none of the parts.
+        """Concatenate along the batch axis; text of different lengths is right-padded
+        (:meth:`pad_text`) to the longest. A field must be present in all or none of the parts.
         """
+        length = max((c.text.shape[1] for c in conds if c.text is not None), default=0)
+        conds = [c.pad_text(length) for c in conds]
         out = {}
         for f in fields(Conditioning):
             vals = [getattr(c, f.name) for c in conds]
@@ -81,9 +117,6 @@ class Conditioning:
                 continue
             if not all(present):
                 raise ValueError(f"Conditioning.cat: field '{f.name}' is missing in some parts")
-            if f.name in ("text", "text_mask"):
-                length = max(v.shape[1] for v in vals)
-                vals = [_pad_tokens(v, length) for v in vals]
             out[f.name] = torch.cat(vals, dim=0)
         return Conditioning(**out)
 
@@ -97,7 +130,6 @@ def _to(v: Tensor, *args, **kwargs) -> Tensor:
 
 
 def _pad_tokens(v: Tensor, length: int) -> Tensor:
-    if v.shape[1] == length:
-        return v
+    """Zeros (False for a mask) appended along the token axis 1 up to ``length``."""
     pad_shape = (v.shape[0], length - v.shape[1], *v.shape[2:])
     return torch.cat([v, v.new_zeros(pad_shape)], dim=1)

@@ -46,31 +46,14 @@ class Guidance(Protocol):
         ...
 
 
-def fit_batch(c: Conditioning, batch: int) -> Conditioning:
-    """Broadcast fields of batch size 1 to ``batch``."""
-    out = {}
-    for f in fields(Conditioning):
-        v = getattr(c, f.name)
-        if v is not None and v.shape[0] != batch:
-            if v.shape[0] != 1:
-                raise UserError(
-                    f"guidance condition field '{f.name}' has batch size {v.shape[0]}, expected "
-                    f"{batch} or 1",
-                    "give the null / negative condition one row or one row per sample",
-                )
-            v = v.expand(batch, *v.shape[1:])
-        out[f.name] = v
-    return Conditioning(**out)
-
-
-def _batch(cond: Conditioning) -> int:
+def _batch_size(cond: Conditioning) -> int:
     b = cond.batch_size
     if b is None:
         raise UserError("guidance needs a non-empty condition", "pass cond with text, image or class_labels")
     return b
 
 
-def _need_null(null: Conditioning | None, what: str) -> Conditioning:
+def _require_null(null: Conditioning | None, what: str) -> Conditioning:
     if null is None:
         raise UserError(f"{what} needs a null condition", "pass null_cond (e.g. the embedding of \"\" as null text)")
     return null
@@ -93,7 +76,7 @@ def _null_image(cond: Conditioning, null: Conditioning | None, what: str) -> Ten
     return torch.zeros_like(cond.image)
 
 
-def _check_n(preds: list[Tensor], n: int, what: str):
+def _check_branch_count(preds: list[Tensor], n: int, what: str):
     if len(preds) != n:
         raise ValueError(f"{what}.combine expects {n} predictions, got {len(preds)}")
 
@@ -106,7 +89,7 @@ class NoGuidance:
         return [cond]
 
     def combine(self, preds: list[Tensor]) -> Tensor:
-        _check_n(preds, 1, "NoGuidance")
+        _check_branch_count(preds, 1, "NoGuidance")
         return preds[0]
 
 
@@ -123,8 +106,8 @@ class ClassifierFreeGuidance:
     scale: float = 7.5
 
     def branches(self, cond: Conditioning, null: Conditioning | None) -> list[Conditioning]:
-        b = _batch(cond)
-        null = fit_batch(_need_null(null, "classifier-free guidance"), b)
+        b = _batch_size(cond)
+        null = _require_null(null, "classifier-free guidance").broadcast_to_batch(b)
         drop = {f.name: getattr(null, f.name) for f in fields(Conditioning) if getattr(null, f.name) is not None}
         if not drop:
             raise UserError("classifier-free guidance got an empty null condition",
@@ -134,7 +117,7 @@ class ClassifierFreeGuidance:
         return [cond, cond.replace(**drop)]
 
     def combine(self, preds: list[Tensor]) -> Tensor:
-        _check_n(preds, 2, "ClassifierFreeGuidance")
+        _check_branch_count(preds, 2, "ClassifierFreeGuidance")
         c, u = preds
         return u + self.scale * (c - u)
 
@@ -154,27 +137,32 @@ class InstructPix2PixGuidance:
     image_scale: float = 1.5
 
     def branches(self, cond: Conditioning, null: Conditioning | None) -> list[Conditioning]:
-        b = _batch(cond)
-        null = fit_batch(_need_null(null, "InstructPix2Pix guidance"), b)
+        b = _batch_size(cond)
+        null = _require_null(null, "InstructPix2Pix guidance").broadcast_to_batch(b)
         no_text = _null_text(null, "InstructPix2Pix guidance")
         no_image = _null_image(cond, null, "InstructPix2Pix guidance")
         return [cond, cond.replace(**no_text), cond.replace(image=no_image, **no_text)]
 
     def combine(self, preds: list[Tensor]) -> Tensor:
-        _check_n(preds, 3, "InstructPix2PixGuidance")
+        _check_branch_count(preds, 3, "InstructPix2PixGuidance")
         full, image_only, uncond = preds
         return uncond + self.text_scale * (full - image_only) + self.image_scale * (image_only - uncond)
 
 
 @dataclass(frozen=True)
 class CorrectionalGuidance:
-    """ADDP correctional guidance (ADDP Eq. 5), with null text φ_D, null image φ_I and a negative
-    description D⁻ (e.g. an object a language model says may be confused with the referred one):
+    """ADDP correctional guidance (ADDP §3.3, Eq. 5), with null text φ_D, null image φ_I and a
+    negative description D⁻ (e.g. an object a language model says may be confused with the referred one):
 
         ε̃ = ε(φ_D,φ_I) + w_I·[ε(φ_D,I) − ε(φ_D,φ_I)]
-                       + w_D⁻·[ε(D⁻,I) − ε(φ_D,I)] + w_D·[ε(D,I) − ε(D⁻,I)],   w_D > w_D⁻.
+                       + w_D⁻·[ε(D⁻,I) − ε(φ_D,I)] + w_D·[ε(D,I) − ε(D⁻,I)].
 
-    ``negative`` carries D⁻ in ``text``/``text_mask`` (batch 1 or B). With D⁻ = φ_D this is
+    The paper *recommends* w_D > w_D⁻ ("by setting w_D > w_D⁻, Eq. 5 increases the margins between
+    denoising from D and D⁻"); it is not a condition of the formula, and the other side is
+    accepted without a warning so that ablations can cross it (w_D = w_D⁻ drops the D-vs-D⁻
+    margin and leaves guidance by D⁻ alone; w_D < w_D⁻ pulls towards D⁻).
+    ``negative`` carries D⁻ in ``text``/``text_mask`` (batch 1 or B; its token length may differ
+    from D's — the branches are padded to one length when batched). With D⁻ = φ_D this is
     InstructPix2Pix guidance with s_T = w_D, s_I = w_I. The paper gives no weights (REFERENCE.md:
     unverified); the defaults are InstructPix2Pix's scales with w_D⁻ = 1.
     Branches: [(D,I), (D⁻,I), (φ_D,I), (φ_D,φ_I)].
@@ -186,20 +174,14 @@ class CorrectionalGuidance:
     negative: Conditioning | None = None
 
     def __post_init__(self):
-        if not self.text_scale > self.negative_scale:
-            raise UserError(
-                f"correctional guidance needs text_scale > negative_scale (ADDP Eq. 5: w_D > w_D⁻), "
-                f"got {self.text_scale} <= {self.negative_scale}",
-                "raise text_scale or lower negative_scale",
-            )
         if self.negative is None or self.negative.text is None:
             raise UserError("correctional guidance needs a negative description",
                             "pass negative=Conditioning(text=..., text_mask=...) for D⁻")
 
     def branches(self, cond: Conditioning, null: Conditioning | None) -> list[Conditioning]:
-        b = _batch(cond)
-        null = fit_batch(_need_null(null, "correctional guidance"), b)
-        neg = fit_batch(self.negative.to(cond.text.device if cond.text is not None else "cpu"), b)
+        b = _batch_size(cond)
+        null = _require_null(null, "correctional guidance").broadcast_to_batch(b)
+        neg = self.negative.to(cond.text.device if cond.text is not None else "cpu").broadcast_to_batch(b)
         no_text = _null_text(null, "correctional guidance")
         neg_text = _null_text(neg, "correctional guidance")
         no_image = _null_image(cond, null, "correctional guidance")
@@ -211,7 +193,7 @@ class CorrectionalGuidance:
         ]
 
     def combine(self, preds: list[Tensor]) -> Tensor:
-        _check_n(preds, 4, "CorrectionalGuidance")
+        _check_branch_count(preds, 4, "CorrectionalGuidance")
         e_d, e_neg, e_img, e_null = preds
         return (
             e_null

@@ -1,14 +1,17 @@
 """One reverse-process sampler over diffusers' DDPM, DDIM and Euler-ancestral schedulers.
 
 Every consumer of the denoising process (evaluation, per-step perception curves, the GenRep
-posterior, the UI, the agent) goes through :func:`sample`. Each step it
+posterior, the UI, the agent) goes through :func:`sample`. It is one loop (k-diffusion's shape)
+whose every step
 
-1. evaluates all guidance branches in ONE batched forward ``model(x, t, cond)``,
-2. combines them (:mod:`genperc.diffusion.guidance`),
-3. calls the diffusers scheduler's ``step`` with the caller's generator, and
-4. describes the transition it just took as a :class:`TrajectoryStep` — x_t, x̂0 and the mean
-   and variance of x_prev — streamed to ``callback`` and, with ``record=True``, stacked into a
-   :class:`Trajectory` (k-diffusion style: the callback is how consumers see the steps).
+1. evaluates all guidance branches in ONE batched forward ``model(x, t, cond)`` and combines
+   them (:class:`_GuidedModel`, :mod:`genperc.diffusion.guidance`),
+2. hands the combined prediction to a *stepper* — one small class per sampler
+   (:class:`_DDPMStepper`, :class:`_DDIMStepper`, :class:`_EulerAncestralStepper`) that calls its
+   diffusers scheduler's ``step`` with the caller's generator, and
+3. asks the stepper to describe the transition it just took as a :class:`TrajectoryStep` — x_t,
+   x̂0, the mean and variance of the next state and the timestep it lies at — streamed to
+   ``callback`` and, with ``record=True``, stacked into a :class:`Trajectory`.
 
 **One space for every sampler.** All trajectory tensors live in the variance-preserving space of
 training, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε. DDPM and DDIM work there already. diffusers' Euler-ancestral
@@ -18,15 +21,17 @@ x_t, mean and variance are those of x_t = s/√(1+σ²), i.e. mean_VP = √ᾱ'�
 variance_VP = ᾱ'·σ_up² at the target level σ'. Algebra shows that this variance equals the DDPM
 posterior variance β̃ between the two levels: Euler-ancestral is ancestral (η = 1) sampling.
 
-**Transitions reported** (``mean``/``variance`` are those of x at the next timestep):
+**Transitions reported** (``mean``/``variance`` are those of x at ``prev_timestep``, the one place
+the sampler's stride lives — consumers read it instead of recomputing it):
 
-* DDPM: q(x_prev | x_t, x̂0) (Ho et al. 2020, Eq. 6–7) and the variance actually added by
-  diffusers (β̃ clamped at 1e-20; with a learned variance the "learned_range" interpolation,
-  Nichol & Dhariwal 2021, Eq. 15; 0 at t = 0 where no noise is added).
-* DDIM: Song et al. 2021, Eq. 12 with σ² = η²·β̃. diffusers' DDIM steps from t to
-  t − T // num_steps (not necessarily the next listed timestep with "trailing" spacing); the
-  reported mean is that of the transition diffusers takes.
-* Euler-ancestral: as above.
+* DDPM: q(x_prev | x_t, x̂0) (Ho et al. 2020, Eq. 6–7) to diffusers' ``previous_timestep`` (the
+  next listed timestep; −1 = clean after the last), and the variance diffusers adds: β̃ of the
+  strided step clamped at 1e-20, or with a learned variance the "learned_range" interpolation
+  (Nichol & Dhariwal 2021, Eq. 15, :func:`genperc.diffusion.variance.interpolate_log_variance`)
+  between β̃ and β = 1 − ᾱ_t/ᾱ_prev of the strided step; 0 at t = 0 where no noise is added.
+* DDIM: Song et al. 2021, Eq. 12 with σ² = η²·β̃, to diffusers' DDIM rule t − T // num_steps
+  (not necessarily the next listed timestep with "trailing" spacing; clamped at −1).
+* Euler-ancestral: as above, to the next listed timestep (rounded where fractional).
 
 Zero-terminal-SNR, Euler's float timesteps, learned variance and x̂0 clipping: see :func:`sample`.
 """
@@ -41,13 +46,14 @@ import torch
 from torch import Tensor
 
 from genperc.diffusion.conditioning import Conditioning
-from genperc.diffusion.guidance import Guidance, NoGuidance, fit_batch
+from genperc.diffusion.guidance import Guidance, NoGuidance
 from genperc.diffusion.schedule import (
     SCHEDULER_KINDS,
     NoiseSchedule,
     convert_prediction,
     posterior_from_alpha_bar,
 )
+from genperc.diffusion.variance import interpolate_log_variance
 from genperc.errors import UserError
 
 Model = Callable[[Tensor, Tensor, Conditioning], Tensor]
@@ -151,18 +157,6 @@ class _Recorder:
                           prev_timesteps=self.prev_timesteps[:n])
 
 
-def _model_timestep(t: Tensor, batch: int, device) -> Tensor:
-    """The timestep tensor [batch] the model receives: long, except fractional Euler timesteps."""
-    t = t.reshape(()).to(device)
-    if t.is_floating_point() and float(t) == round(float(t)):
-        t = t.round().long()
-    return t.expand(batch)
-
-
-def _needs_noise(sampler: str, eta: float) -> bool:
-    return sampler in ("ddpm", "euler-a") or eta > 0
-
-
 def sample(
     model: Model,
     x_T_or_shape: Tensor | Sequence[int],
@@ -218,6 +212,18 @@ def sample(
     so results match theirs for the same x_T (for Euler-a with "trailing"/"linspace" spacing the
     first recorded x_t is therefore x_T·σ_max/√(1+σ_max²), not exactly x_T).
     """
+    _check_arguments(schedule, sampler, num_steps, eta, generator, isinstance(x_T_or_shape, Tensor))
+    with torch.set_grad_enabled(grad):
+        x_T = _initial_noise(x_T_or_shape, model, generator, device, dtype)
+        guided = _GuidedModel(model, guidance or NoGuidance(), cond, null_cond, x_T, schedule.config.learned_variance)
+        stepper = STEPPERS[sampler](schedule, num_steps, x_T.device, eta=eta, clip_x0=clip_x0)
+        recorder = None
+        if record:
+            recorder = _Recorder(len(stepper.timesteps), record_device if record_device is not None else x_T.device)
+        return _denoise(guided, stepper, x_T, generator, recorder, callback, progress)
+
+
+def _check_arguments(schedule, sampler, num_steps, eta, generator, given_x: bool) -> None:
     if sampler not in SCHEDULER_KINDS:
         raise UserError(f"unknown sampler {sampler!r}", f"use one of: {', '.join(SCHEDULER_KINDS)}")
     T = schedule.num_train_timesteps
@@ -226,17 +232,28 @@ def sample(
     if eta < 0 or (eta != 0 and sampler != "ddim"):
         raise UserError(f"eta={eta} is only meaningful for the ddim sampler (η ≥ 0)",
                         "drop eta or use sampler='ddim'")
-    given_x = isinstance(x_T_or_shape, Tensor)
-    if generator is None and (not given_x or _needs_noise(sampler, eta)):
+    stochastic = sampler in ("ddpm", "euler-a") or eta > 0
+    if generator is None and (not given_x or stochastic):
         raise UserError(f"sampling with {sampler} from {'a shape' if not given_x else 'x_T'} is random "
                         "and needs a generator",
                         "pass generator=torch.Generator().manual_seed(SEED)")
-    with torch.set_grad_enabled(grad):
-        return _sample(model, x_T_or_shape, cond, schedule=schedule, sampler=sampler,
-                       num_steps=num_steps, guidance=guidance or NoGuidance(), null_cond=null_cond,
-                       eta=eta, generator=generator, record=record, record_device=record_device,
-                       callback=callback, clip_x0=clip_x0, device=device, dtype=dtype,
-                       progress=progress)
+
+
+def _initial_noise(x_T_or_shape, model, generator, device, dtype) -> Tensor:
+    """x_T as given (moved to ``device``/``dtype``), or drawn with ``generator`` for a shape."""
+    if isinstance(x_T_or_shape, Tensor):
+        device = torch.device(device) if device is not None else x_T_or_shape.device
+        x_T = x_T_or_shape.to(device=device, dtype=dtype or x_T_or_shape.dtype)
+    else:
+        device = torch.device(device) if device is not None else _default_device(model)
+        shape = tuple(int(s) for s in x_T_or_shape)
+        if len(shape) != 4:
+            raise UserError(f"x_T shape must be (B, C, H, W), got {shape}", "pass a 4-tuple")
+        x_T = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype or torch.float32)
+        x_T = x_T.to(device)
+    if x_T.ndim != 4:
+        raise UserError(f"x_T must be [B, C, H, W], got shape {tuple(x_T.shape)}", "pass a 4-d tensor")
+    return x_T
 
 
 def _default_device(model):
@@ -247,132 +264,233 @@ def _default_device(model):
     return torch.device("cpu")
 
 
-def _sample(model, x_T_or_shape, cond, *, schedule, sampler, num_steps, guidance, null_cond, eta,
-            generator, record, record_device, callback, clip_x0, device, dtype, progress):
-    if isinstance(x_T_or_shape, Tensor):
-        device = torch.device(device) if device is not None else x_T_or_shape.device
-        dtype = dtype or x_T_or_shape.dtype
-        x_T = x_T_or_shape.to(device=device, dtype=dtype)
-    else:
-        device = torch.device(device) if device is not None else _default_device(model)
-        dtype = dtype or torch.float32
-        shape = tuple(int(s) for s in x_T_or_shape)
-        if len(shape) != 4:
-            raise UserError(f"x_T shape must be (B, C, H, W), got {shape}", "pass a 4-tuple")
-        x_T = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-    if x_T.ndim != 4:
-        raise UserError(f"x_T must be [B, C, H, W], got shape {tuple(x_T.shape)}", "pass a 4-d tensor")
-    B, C = x_T.shape[:2]
-
-    cond = (cond or Conditioning()).to(device, dtype=dtype)
-    if cond.batch_size is not None and cond.batch_size != B:
-        cond = fit_batch(cond, B)
-    null = null_cond.to(device, dtype=dtype) if null_cond is not None else None
-    branches = guidance.branches(cond, null)
-    n = len(branches)
-    cond_all = branches[0] if n == 1 else Conditioning.cat(branches)
-
-    T = schedule.num_train_timesteps
-    learned = schedule.config.learned_variance
-    native = schedule.config.prediction_type
-    sched_type = schedule.scheduler_prediction_type(sampler)
-    scheduler = schedule.make_scheduler(sampler)
-    scheduler.set_timesteps(num_steps, device=device)
-    timesteps = scheduler.timesteps
-    step_kwargs = {"eta": eta} if sampler == "ddim" else {}
-
-    describe = record or callback is not None
-    recorder = _Recorder(len(timesteps), record_device if record_device is not None else device) if record else None
-    state = x_T * scheduler.init_noise_sigma  # the scheduler's own space (VP except Euler)
-    vp_scale_next = 1.0
-
-    iterator = timesteps
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(timesteps, desc=f"sampling ({sampler})", leave=False)
-    for i, t in enumerate(iterator):
-        x_t = scheduler.scale_model_input(state, t)  # VP space for every scheduler
-        if sampler == "euler-a":
-            k = scheduler.step_index
-            sigma, sigma_next = float(scheduler.sigmas[k]), float(scheduler.sigmas[k + 1])
-            ab_t = torch.tensor(1.0 / (1.0 + sigma**2), dtype=torch.float64)
-        else:
-            ab_t = schedule.alpha_bar(t)
-
-        x_in = x_t if n == 1 else x_t.repeat(n, 1, 1, 1)
-        out = model(x_in, _model_timestep(t, B * n, device), cond_all)
-        expected = 2 * C if learned else C
-        if not isinstance(out, Tensor) or out.shape != (B * n, expected, *x_t.shape[2:]):
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise UserError(f"the model returned {got}, expected {(B * n, expected, *x_t.shape[2:])}",
-                            "check the model's out_channels against diffusion.learned_variance")
-        var_v = None
-        if learned:
-            out, var_v = out[:, :C], out[:B, C:]  # learned variance from branch 0 (fully conditional)
-        pred = guidance.combine(list(out.chunk(n, dim=0)))
-
-        if clip_x0:
-            x0 = convert_prediction(pred, native, "x0", x_t, ab_t).clamp(-1, 1)
-            pred_s = convert_prediction(x0, "x0", sched_type, x_t, ab_t)
-        else:
-            pred_s = convert_prediction(pred, native, sched_type, x_t, ab_t)
-        model_output = torch.cat([pred_s, var_v], dim=1) if (learned and sampler == "ddpm") else pred_s
-        stepped = scheduler.step(model_output, t, state, generator=generator, **step_kwargs)
-        prev = stepped.prev_sample
-        if sampler == "euler-a":
-            vp_scale_next = 1.0 / math.sqrt(1.0 + sigma_next**2)
-
-        stop = False
-        if describe:
-            x0 = stepped.pred_original_sample.to(x_t.dtype)
-            if sampler == "euler-a":
-                mean, var = _euler_transition(x0, state, sigma, sigma_next, x_t)
-                t_prev = int(round(float(timesteps[i + 1]))) if i + 1 < len(timesteps) else -1
-            elif sampler == "ddim":
-                t_prev = int(t) - T // num_steps
-                eps = convert_prediction(pred_s, sched_type, "eps", x_t, ab_t)
-                mean, var = posterior_from_alpha_bar(x0, x_t, ab_t, schedule.alpha_bar(t_prev), eta=eta, eps=eps)
-            else:
-                t_prev = int(scheduler.previous_timestep(t))
-                mean, var = _ddpm_transition(schedule, x0, x_t, int(t), t_prev, var_v)
-            step = TrajectoryStep(i, int(round(float(t))), x_t, x0, mean, var, max(t_prev, -1))
-            if recorder is not None:
-                recorder.add(step)
-            if callback is not None:
-                stop = callback(step) is True
-        state = prev
-        if stop:
+def _denoise(guided: _GuidedModel, stepper: _Stepper, x_T: Tensor, generator, recorder: _Recorder | None,
+             callback, progress: bool) -> SampleOutput:
+    """The one loop: guided prediction → scheduler step → (when anyone listens) step description."""
+    describe = recorder is not None or callback is not None
+    state = stepper.initial_state(x_T)
+    steps_done = 0
+    for i, t in enumerate(_progress_bar(stepper, progress)):
+        x_t = stepper.model_input(state, t)
+        prediction, variance_interp = guided(x_t, t)
+        taken = stepper.step(i, t, x_t, state, prediction, variance_interp, generator)
+        state, steps_done = taken.next_state, i + 1
+        if describe and _report(stepper.describe(taken), recorder, callback):
             break
-
-    final = state * vp_scale_next if sampler == "euler-a" else state
-    return SampleOutput(final, recorder.result() if recorder is not None else None)
+    return SampleOutput(stepper.to_vp(state, steps_done), recorder.result() if recorder is not None else None)
 
 
-def _ddpm_transition(schedule: NoiseSchedule, x0, x_t, t: int, t_prev: int, var_v):
-    """Posterior mean (Ho et al. Eq. 7) and the variance diffusers' DDPM adds (module doc)."""
-    ab, abp = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-    mean, post_var = posterior_from_alpha_bar(x0, x_t, ab, abp, eta=1.0)
-    if t <= 0:
-        return mean, torch.zeros((), dtype=x_t.dtype, device=x_t.device)
-    post_var = post_var.clamp(min=1e-20)
-    if var_v is None:
-        return mean, post_var
-    beta = (1 - ab / abp).to(device=x_t.device, dtype=x_t.dtype)
-    frac = (var_v + 1) / 2
-    return mean, torch.exp(frac * torch.log(beta) + (1 - frac) * torch.log(post_var))
+def _progress_bar(stepper: _Stepper, progress: bool):
+    if not progress:
+        return stepper.timesteps
+    from tqdm.auto import tqdm
+
+    return tqdm(stepper.timesteps, desc=f"sampling ({stepper.kind})", leave=False)
 
 
-def _euler_transition(x0, s, sigma: float, sigma_next: float, x_t):
-    """Euler-ancestral step (an Euler step of the probability-flow ODE of Karras et al. 2022, §2,
-    to σ_down, plus fresh noise of std σ_up, as k-diffusion's ``sample_euler_ancestral``) in VP space.
+def _report(step: TrajectoryStep, recorder: _Recorder | None, callback) -> bool:
+    """Record and stream one step; True when the callback asks to stop."""
+    if recorder is not None:
+        recorder.add(step)
+    return callback is not None and callback(step) is True
 
-    In σ-space: s' = x̂0 + σ_down·ε̂ + σ_up·z with ε̂ = (s − x̂0)/σ; VP: x' = s'/√(1+σ'²).
+
+# ---- the model with guidance ------------------------------------------------------------------
+
+
+class _GuidedModel:
+    """All guidance branches of ``cond`` in one batch: ``(x_t, t) -> (combined prediction, v)``.
+
+    v is the learned-variance interpolation of the fully conditional branch (branch 0), or None.
     """
-    sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
-    scale = 1.0 / math.sqrt(1.0 + sigma_next**2)
-    eps = (s.to(x0.dtype) - x0) / sigma
-    mean = scale * (x0 + sigma_down * eps)
-    var = torch.tensor(scale**2 * sigma_up**2, dtype=x_t.dtype, device=x_t.device)
-    return mean, var
+
+    def __init__(self, model: Model, guidance: Guidance, cond, null_cond, x_T: Tensor, learned: bool):
+        batch, device, dtype = x_T.shape[0], x_T.device, x_T.dtype
+        cond = (cond or Conditioning()).to(device, dtype=dtype)
+        if cond.batch_size is not None:
+            cond = cond.broadcast_to_batch(batch)
+        null = null_cond.to(device, dtype=dtype) if null_cond is not None else None
+        branches = guidance.branches(cond, null)
+        self.model, self.guidance, self.learned = model, guidance, learned
+        self.num_branches = len(branches)
+        self.batched_cond = branches[0] if len(branches) == 1 else Conditioning.cat(branches)
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        n, (batch, channels) = self.num_branches, x_t.shape[:2]
+        x_in = x_t if n == 1 else x_t.repeat(n, 1, 1, 1)
+        out = self.model(x_in, _model_timestep(t, batch * n, x_t.device), self.batched_cond)
+        expected = (batch * n, 2 * channels if self.learned else channels, *x_t.shape[2:])
+        if not isinstance(out, Tensor) or out.shape != expected:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise UserError(f"the model returned {got}, expected {expected}",
+                            "check the model's out_channels against diffusion.learned_variance")
+        variance_interp = out[:batch, channels:] if self.learned else None
+        return self.guidance.combine(list(out[:, :channels].chunk(n, dim=0))), variance_interp
+
+
+def _model_timestep(t: Tensor, batch: int, device) -> Tensor:
+    """The timestep tensor [batch] the model receives: long, except fractional Euler timesteps."""
+    t = t.reshape(()).to(device)
+    if t.is_floating_point() and float(t) == round(float(t)):
+        t = t.round().long()
+    return t.expand(batch)
+
+
+# ---- steppers: one diffusers scheduler each ---------------------------------------------------
+
+
+@dataclass
+class _StepTaken:
+    """What one scheduler step saw and produced (input to :meth:`_Stepper.describe`)."""
+
+    index: int
+    timestep: Tensor  # the scheduler's timestep (float for Euler)
+    x_t: Tensor  # VP state the model saw
+    state: Tensor  # the scheduler's own state (σ-space for Euler)
+    alpha_bar: Tensor  # ᾱ at x_t (float64, 0-d)
+    scheduler_prediction: Tensor  # the combined prediction in the scheduler's prediction type
+    pred_x0: Tensor
+    variance_interp: Tensor | None
+    next_state: Tensor
+
+
+class _Stepper:
+    """Steps one diffusers scheduler and describes the transition taken, in VP space.
+
+    Subclasses name the scheduler (``kind``), the timestep it steps to (:meth:`prev_timestep`)
+    and the mean and variance of that transition (:meth:`transition`).
+    """
+
+    kind = ""
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, device, *, eta: float = 0.0,
+                 clip_x0: bool = False):
+        self.schedule, self.eta, self.clip_x0 = schedule, eta, clip_x0
+        self.scheduler = schedule.make_scheduler(self.kind)
+        self.scheduler.set_timesteps(num_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+        self.prediction_type = schedule.scheduler_prediction_type(self.kind)
+
+    def initial_state(self, x_T: Tensor) -> Tensor:
+        return x_T * self.scheduler.init_noise_sigma
+
+    def model_input(self, state: Tensor, t: Tensor) -> Tensor:
+        """The VP x_t the model sees at ``t`` (identity except for Euler's σ-space)."""
+        return self.scheduler.scale_model_input(state, t)
+
+    def alpha_bar(self, index: int, t: Tensor) -> Tensor:
+        return self.schedule.alpha_bar(t)
+
+    def to_vp(self, state: Tensor, steps_done: int) -> Tensor:
+        """The scheduler's state after ``steps_done`` steps, in VP space."""
+        return state
+
+    def step(self, index, t, x_t, state, prediction, variance_interp, generator) -> _StepTaken:
+        """Convert the model-native prediction to the scheduler's type (clipping x̂0 if asked)
+        and let diffusers step."""
+        alpha_bar = self.alpha_bar(index, t)
+        native = self.schedule.config.prediction_type
+        if self.clip_x0:
+            x0 = convert_prediction(prediction, native, "x0", x_t, alpha_bar).clamp(-1, 1)
+            prediction, native = x0, "x0"
+        prediction = convert_prediction(prediction, native, self.prediction_type, x_t, alpha_bar)
+        stepped = self._scheduler_step(prediction, variance_interp, t, state, generator)
+        return _StepTaken(index, t, x_t, state, alpha_bar, prediction,
+                          stepped.pred_original_sample.to(x_t.dtype), variance_interp, stepped.prev_sample)
+
+    def _scheduler_step(self, prediction, variance_interp, t, state, generator):
+        return self.scheduler.step(prediction, t, state, generator=generator)
+
+    def describe(self, taken: _StepTaken) -> TrajectoryStep:
+        prev = max(self.prev_timestep(taken.index, taken.timestep), -1)
+        mean, variance = self.transition(taken, prev)
+        return TrajectoryStep(taken.index, int(round(float(taken.timestep))), taken.x_t, taken.pred_x0,
+                              mean, variance, prev)
+
+    def prev_timestep(self, index: int, t: Tensor) -> int:
+        raise NotImplementedError
+
+    def transition(self, taken: _StepTaken, prev_timestep: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class _DDPMStepper(_Stepper):
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) with diffusers' ``DDPMScheduler``."""
+
+    kind = "ddpm"
+
+    def _scheduler_step(self, prediction, variance_interp, t, state, generator):
+        if variance_interp is not None:
+            prediction = torch.cat([prediction, variance_interp], dim=1)
+        return self.scheduler.step(prediction, t, state, generator=generator)
+
+    def prev_timestep(self, index: int, t: Tensor) -> int:
+        return int(self.scheduler.previous_timestep(t))
+
+    def transition(self, taken: _StepTaken, prev_timestep: int) -> tuple[Tensor, Tensor]:
+        """Posterior mean (Ho et al. Eq. 7) and the variance diffusers' DDPM adds (module doc)."""
+        x_t, t = taken.x_t, int(taken.timestep)
+        ab, ab_prev = taken.alpha_bar, self.schedule.alpha_bar(prev_timestep)
+        mean, posterior_var = posterior_from_alpha_bar(taken.pred_x0, x_t, ab, ab_prev, eta=1.0)
+        if t <= 0:
+            return mean, torch.zeros((), dtype=x_t.dtype, device=x_t.device)
+        posterior_var = posterior_var.clamp(min=1e-20)
+        if taken.variance_interp is None:
+            return mean, posterior_var
+        beta = (1 - ab / ab_prev).to(device=x_t.device, dtype=x_t.dtype)  # β of the strided step
+        return mean, interpolate_log_variance(taken.variance_interp, posterior_var.log(), beta.log()).exp()
+
+
+class _DDIMStepper(_Stepper):
+    """DDIM (Song et al. 2021, Eq. 12) with diffusers' ``DDIMScheduler`` and η = ``eta``."""
+
+    kind = "ddim"
+
+    def _scheduler_step(self, prediction, variance_interp, t, state, generator):
+        return self.scheduler.step(prediction, t, state, eta=self.eta, generator=generator)
+
+    def prev_timestep(self, index: int, t: Tensor) -> int:
+        """diffusers' DDIM rule, whatever the spacing: t − T // num_steps."""
+        return int(t) - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+
+    def transition(self, taken: _StepTaken, prev_timestep: int) -> tuple[Tensor, Tensor]:
+        eps = convert_prediction(taken.scheduler_prediction, self.prediction_type, "eps", taken.x_t, taken.alpha_bar)
+        return posterior_from_alpha_bar(taken.pred_x0, taken.x_t, taken.alpha_bar,
+                                        self.schedule.alpha_bar(prev_timestep), eta=self.eta, eps=eps)
+
+
+class _EulerAncestralStepper(_Stepper):
+    """Euler-ancestral with diffusers' ``EulerAncestralDiscreteScheduler`` (σ-space, module doc)."""
+
+    kind = "euler-a"
+
+    def sigma(self, index: int) -> float:
+        return float(self.scheduler.sigmas[index])
+
+    def alpha_bar(self, index: int, t: Tensor) -> Tensor:
+        return torch.tensor(1.0 / (1.0 + self.sigma(index) ** 2), dtype=torch.float64)
+
+    def to_vp(self, state: Tensor, steps_done: int) -> Tensor:
+        return state / math.sqrt(1.0 + self.sigma(steps_done) ** 2)
+
+    def prev_timestep(self, index: int, t: Tensor) -> int:
+        return int(round(float(self.timesteps[index + 1]))) if index + 1 < len(self.timesteps) else -1
+
+    def transition(self, taken: _StepTaken, prev_timestep: int) -> tuple[Tensor, Tensor]:
+        """An Euler step of the probability-flow ODE (Karras et al. 2022, §2) to σ_down plus fresh
+        noise of std σ_up, as k-diffusion's ``sample_euler_ancestral``, in VP space:
+        s' = x̂0 + σ_down·ε̂ + σ_up·z with ε̂ = (s − x̂0)/σ, and x' = s'/√(1+σ'²).
+        """
+        sigma, sigma_next = self.sigma(taken.index), self.sigma(taken.index + 1)
+        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
+        scale = 1.0 / math.sqrt(1.0 + sigma_next**2)
+        x0 = taken.pred_x0
+        eps = (taken.state.to(x0.dtype) - x0) / sigma
+        variance = torch.tensor(scale**2 * sigma_up**2, dtype=x0.dtype, device=x0.device)
+        return scale * (x0 + sigma_down * eps), variance
+
+
+STEPPERS: dict[str, type[_Stepper]] = {
+    "ddpm": _DDPMStepper, "ddim": _DDIMStepper, "euler-a": _EulerAncestralStepper,
+}

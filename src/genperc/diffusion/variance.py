@@ -34,6 +34,16 @@ def learned_log_variance(schedule: NoiseSchedule, v: Tensor, t: Tensor) -> Tenso
     t = torch.as_tensor(t, device=v.device).long().reshape(-1)
     max_log = schedule.betas.log()[t.cpu()].to(v.device, v.dtype).view(-1, *([1] * (v.ndim - 1)))
     min_log = clipped_log_posterior_variance(schedule)[t.cpu()].to(v.device, v.dtype).view(-1, *([1] * (v.ndim - 1)))
+    return interpolate_log_variance(v, min_log, max_log)
+
+
+def interpolate_log_variance(v: Tensor, min_log: Tensor, max_log: Tensor) -> Tensor:
+    """Eq. 15 itself: frac·max_log + (1 − frac)·min_log with frac = (v + 1)/2.
+
+    The bounds are log β̃ (lower) and log β (upper) of the step taken: per training t above; for
+    a strided sampler step t → t' the sampler passes β = 1 − ᾱ_t/ᾱ_t' and its β̃ (diffusers'
+    "learned_range").
+    """
     frac = (v + 1) / 2
     return min_log + frac * (max_log - min_log)  # = frac·max + (1−frac)·min, without cancellation for large |v|
 

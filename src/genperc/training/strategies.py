@@ -25,25 +25,17 @@ def conditioning_dropout(
     Text is replaced by the null text (the embedding of "", not zeros) when r < 2p, the image by
     zeros when p ≤ r < 3p — i.e. 5% text only, 5% both, 5% image only for p = 0.05. A class label
     is dropped to the null class (``null.class_labels``) with the text rule when there is no text.
+    Prompt and null text are right-padded to a common length (``Conditioning.pad_text``).
     """
     if p <= 0:
         return cond
     b = cond.batch_size
-    r = torch.rand(b, generator=generator, device=generator.device).to(_device(cond))
+    r = torch.rand(b, generator=generator, device=generator.device).to(_device_of(cond))
     drop_text = r < 2 * p
     drop_image = (r >= p) & (r < 3 * p)
     out = cond
     if cond.text is not None:
-        n = null.text.expand(b, -1, -1)
-        nm = null.text_mask.expand(b, -1)
-        length = max(cond.text.shape[1], n.shape[1])
-        text, mask = _pad(cond.text, cond.text_mask, length)
-        ntext, nmask = _pad(n, nm, length)
-        keep = ~drop_text
-        out = out.replace(
-            text=torch.where(keep[:, None, None], text, ntext.to(text.dtype)),
-            text_mask=torch.where(keep[:, None], mask, nmask),
-        )
+        out = out.replace(**_text_where(drop_text, Conditioning(text=null.text, text_mask=null.text_mask), cond))
     elif cond.class_labels is not None and null.class_labels is not None:
         out = out.replace(class_labels=torch.where(drop_text, null.class_labels.expand(b), cond.class_labels))
     if cond.image is not None:
@@ -51,21 +43,22 @@ def conditioning_dropout(
     return out
 
 
-def _device(cond: Conditioning):
+def _text_where(use_null: Tensor, null: Conditioning, cond: Conditioning) -> dict[str, Tensor]:
+    """Per row: the null text where ``use_null``, else the prompt (both padded to one length)."""
+    length = max(cond.text.shape[1], null.text.shape[1])
+    null = null.broadcast_to_batch(len(use_null)).pad_text(length)
+    cond = cond.pad_text(length)
+    return {
+        "text": torch.where(use_null[:, None, None], null.text.to(cond.text.dtype), cond.text),
+        "text_mask": torch.where(use_null[:, None], null.text_mask, cond.text_mask),
+    }
+
+
+def _device_of(cond: Conditioning):
     for v in (cond.text, cond.image, cond.class_labels):
         if v is not None:
             return v.device
     return torch.device("cpu")
-
-
-def _pad(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    extra = length - text.shape[1]
-    if extra == 0:
-        return text, mask
-    return (
-        torch.cat([text, text.new_zeros(text.shape[0], extra, text.shape[2])], 1),
-        torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1),
-    )
 
 
 @dataclass
