@@ -115,6 +115,9 @@ def test_trajectory_shapes_and_timesteps(kind):
     assert tr.timesteps.dtype == torch.long
     assert tr.timesteps.tolist() == [800, 600, 400, 200, 0]
     assert tr.timesteps.tolist() == [round(float(t)) for t in sched.timesteps(kind, 5)]
+    # "leading", stride 1000 // 5 = 200: every sampler steps to the next listed timestep; after
+    # t = 0 comes the clean x0 (−1; DDIM's 0 − 200 clamped).
+    assert tr.prev_timesteps.tolist() == [600, 400, 200, 0, -1]
     for name in ("x_t", "pred_x0", "mean"):
         assert getattr(tr, name).shape == (5, *SHAPE)
         assert getattr(tr, name).device.type == "cpu"
@@ -173,6 +176,79 @@ def test_recorded_mean_and_variance_are_the_transition_taken(kind, eta, spacing,
         for k in range(n):
             _, var = posterior_from_alpha_bar(tr.x_t[k], tr.x_t[k], ab[k], ab[k + 1], eta=1.0)
             assert tr.variance[k].item() == pytest.approx(var.item(), rel=1e-4, abs=1e-7)
+
+
+# "trailing", 7 steps: round(arange(1000, 0, −1000/7)) − 1 (diffusers' rule, by hand).
+TRAILING_7 = [999, 856, 713, 570, 428, 285, 142]
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "euler-a"])
+def test_prev_timestep_is_the_next_listed_timestep_under_trailing_spacing(kind):
+    sched = _schedule(timestep_spacing="trailing")
+    out = sample(smooth_model, SHAPE, schedule=sched, sampler=kind, num_steps=7,
+                 generator=torch.Generator().manual_seed(0), record=True)
+    tr = out.trajectory
+    assert tr.timesteps.tolist() == TRAILING_7
+    assert tr.prev_timesteps.tolist() == [*TRAILING_7[1:], -1]
+    assert [tr[k].prev_timestep for k in range(7)] == [*TRAILING_7[1:], -1]
+
+
+def test_ddim_prev_timestep_is_the_level_diffusers_steps_to_under_trailing_spacing():
+    """diffusers' DDIM steps from t to t − 1000 // 7 = t − 142 (not to the next listed timestep);
+    the deterministic next state is √ᾱ'·x̂0 + √(1−ᾱ')·ε̂ at exactly that ᾱ'."""
+    sched = _schedule(prediction_type="v", timestep_spacing="trailing")
+    out = sample(smooth_model, SHAPE, schedule=sched, sampler="ddim", num_steps=7,
+                 generator=torch.Generator().manual_seed(0), record=True)
+    tr = out.trajectory
+    assert tr.prev_timesteps.tolist() == [857, 714, 571, 428, 286, 143, 0]
+    assert tr.prev_timesteps[:-1].tolist() != tr.timesteps[1:].tolist()
+    nxt = [*tr.x_t[1:], out.sample]
+    for k in range(7):
+        ab, ab_prev = sched.alpha_bar(tr.timesteps[k]), sched.alpha_bar(tr.prev_timesteps[k])
+        x_t, x0 = tr.x_t[k].double(), tr.pred_x0[k].double()
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        expected = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+        torch.testing.assert_close(nxt[k].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def _learned_model(x, t, cond):
+    return torch.cat([smooth_model(x, t, cond), torch.tanh(2 * x)], dim=1)  # v ∈ (−1, 1) varies per element
+
+
+@pytest.mark.parametrize("spacing,steps", [("leading", 10), ("trailing", 7)])
+def test_ddpm_learned_range_variance_equals_diffusers(spacing, steps):
+    """The strided step's learned-range variance is diffusers' DDPMScheduler's (variance_type
+    "learned_range": Eq. 15 between β̃ and β of the step t → previous_timestep)."""
+    from diffusers import DDPMScheduler
+
+    sched = _schedule(timestep_spacing=spacing, learned_variance=True)
+    out = sample(_learned_model, SHAPE, schedule=sched, sampler="ddpm", num_steps=steps,
+                 generator=torch.Generator().manual_seed(2), record=True)
+    tr = out.trajectory
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        variance_type="learned_range", timestep_spacing=spacing)
+    ref.set_timesteps(steps)
+    for k, t in enumerate(ref.timesteps):
+        v = torch.tanh(2 * tr.x_t[k])
+        expected = torch.exp(ref._get_variance(int(t), predicted_variance=v)) if t > 0 else torch.zeros(SHAPE)
+        torch.testing.assert_close(tr.variance[k], expected, rtol=1e-5, atol=1e-12)
+    assert tr.variance[0].std() > 0  # the learned part is not a constant
+
+
+def test_ddpm_learned_variance_is_improved_ddpm_for_unit_stride():
+    """With one step per training timestep (t → t − 1) the sampler's variance is the variance
+    module's Σ_θ = exp(learned_log_variance) for every t ≥ 1."""
+    from genperc.diffusion.variance import learned_log_variance
+
+    sched = _schedule(num_train_timesteps=20, beta_schedule="linear", beta_start=1e-3, beta_end=0.2,
+                      learned_variance=True)
+    tr = sample(_learned_model, SHAPE, schedule=sched, sampler="ddpm", num_steps=20,
+                generator=torch.Generator().manual_seed(4), record=True).trajectory
+    assert tr.timesteps.tolist() == list(range(19, -1, -1))
+    for k in range(19):  # the last step (t = 0) adds no noise
+        t = torch.full((SHAPE[0],), int(tr.timesteps[k]))
+        expected = learned_log_variance(sched, torch.tanh(2 * tr.x_t[k]), t).exp()
+        torch.testing.assert_close(tr.variance[k], expected, rtol=1e-5, atol=0)
 
 
 def test_euler_fractional_timesteps_reach_the_model_as_floats():
@@ -288,10 +364,18 @@ def test_guidance_branches_go_through_one_forward_per_step(guidance, branches):
 
 
 def test_conditioning_of_batch_one_is_broadcast():
+    """A condition of batch 1 acts as the same condition repeated for every sample."""
     cond, null, _ = _conds(B=1)
-    out = sample(lambda x, t, c: smooth_model(x, t, c) + c.image, SHAPE, cond, schedule=_schedule(), num_steps=2,
-                 guidance=ClassifierFreeGuidance(2.0), null_cond=null, generator=torch.Generator().manual_seed(0))
-    assert out.sample.shape == SHAPE
+
+    def model(x, t, c):
+        return smooth_model(x, t, c) + c.image + c.text.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    kwargs = dict(schedule=_schedule(), num_steps=2, guidance=ClassifierFreeGuidance(2.0), null_cond=null)
+    one = sample(model, SHAPE, cond, generator=torch.Generator().manual_seed(0), **kwargs).sample
+    repeated = sample(model, SHAPE, cond.repeat(SHAPE[0]), generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(one, repeated.sample, rtol=0, atol=0)
+    with pytest.raises(UserError, match="batch size 3"):
+        sample(model, SHAPE, cond.repeat(3), generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 # other behaviour ------------------------------------------------------------------------------
