@@ -48,7 +48,7 @@ class Conditioning:
     def to(self, *args, **kwargs) -> Conditioning:
         return Conditioning(
             **{
-                f.name: (None if getattr(self, f.name) is None else _to(getattr(self, f.name), *args, **kwargs))
+                f.name: (None if getattr(self, f.name) is None else _move_tensor(getattr(self, f.name), *args, **kwargs))
                 for f in fields(self)
             }
         )
@@ -121,7 +121,7 @@ class Conditioning:
         return Conditioning(**out)
 
 
-def _to(v: Tensor, *args, **kwargs) -> Tensor:
+def _move_tensor(v: Tensor, *args, **kwargs) -> Tensor:
     # Masks, labels keep their dtype; only floating tensors follow a dtype change.
     if not v.is_floating_point():
         kwargs = {k: a for k, a in kwargs.items() if k != "dtype"}

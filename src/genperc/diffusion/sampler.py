@@ -70,9 +70,12 @@ class TrajectoryStep:
     pred_x0:  [B, C, H, W] x̂0 used by the transition (after clipping if ``clip_x0``).
     mean:     [B, C, H, W] mean of the next state.
     variance: variance of the next state, 0-d (fixed) or [B, C, H, W] (learned); broadcastable.
-    prev_timestep: the timestep of the next state as the step computed it (−1: the clean x0). The
-              one place the sampler's stride lives: DDIM's t − T//S, DDPM's and Euler's scheduler
-              ``previous_timestep`` — consumers (the GenRep posterior) read it instead of recomputing.
+    prev_timestep: the timestep of the next state, i.e. of ``mean``/``variance`` (−1: the clean
+              x0). The one place the sampler's stride lives (each stepper's ``prev_timestep``):
+              DDIM's t − T//S (diffusers' DDIM rule, whatever the spacing), DDPM's scheduler
+              ``previous_timestep`` (the next listed timestep), Euler's next listed timestep
+              (rounded like ``timestep``). Consumers (the GenRep posterior) read it instead of
+              recomputing it.
     """
 
     index: int
