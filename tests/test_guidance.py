@@ -176,6 +176,8 @@ def test_cat_pads_every_part_to_the_longest_text():
     assert both.text.shape == (3, 4, D)
     assert both.text_mask.tolist() == [[True, True, False, False]] + [[True] * 4] * 2
     assert (both.text[0, 2:] == 0).all() and (both.text[0, :2] == 1).all() and (both.text[1:] == 2).all()
+    unmasked = Conditioning.cat([Conditioning(text=torch.ones(1, 1, D)), Conditioning(text=torch.ones(1, 2, D))])
+    assert unmasked.text_mask.tolist() == [[True, False], [True, True]]
 
 
 def test_conditioning_dropout_pads_a_prompt_shorter_than_the_null_text():

@@ -89,10 +89,10 @@ class Conditioning:
         The one home of text padding: concatenating branches of different prompt lengths
         (:meth:`cat`) and swapping in the null text (training's conditioning dropout) both use it.
         A model that honours ``text_mask`` gives the same output before and after padding; the
-        tokenizers used here pad on the right as well. No text, or already ``length`` tokens:
-        returned unchanged. A text without a mask gets one (all its own tokens real).
+        tokenizers used here pad on the right as well. A text without a mask gets one (all its
+        own tokens real). No text, or ``length`` tokens and a mask already: returned unchanged.
         """
-        if self.text is None or self.text.shape[1] == length:
+        if self.text is None or (self.text.shape[1] == length and self.text_mask is not None):
             return self
         if self.text.shape[1] > length:
             raise ValueError(f"cannot pad {self.text.shape[1]} tokens to {length}")
