@@ -15,6 +15,7 @@ import torch
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.diffusion.timesteps import LossScalingTimesteps
+from genperc.errors import UserError
 from genperc.training.objectives import HybridDiffusionObjective
 from genperc.training.strategies import DiffusionObjective, StepContext
 
@@ -135,3 +136,13 @@ def test_an_all_valid_mask_changes_nothing():
     masked = _masked_loss(DiffusionObjective(), "diffusion", out, x0, torch.ones(3, 1, 16, 16))
     assert float(masked) == pytest.approx(float((out - x0).pow(2).mean()), rel=1e-6)
     assert float(plain) == pytest.approx(float(masked), rel=1e-6)
+
+
+def test_the_output_is_the_prediction_or_the_prediction_and_the_variance():
+    x0 = torch.zeros(2, 3, 2, 2)
+    t = torch.zeros(2, dtype=torch.long)
+    prediction, variance = torch.ones(2, 3, 2, 2), torch.full((2, 3, 2, 2), 7.0)
+    with_variance = DiffusionObjective()(_context(torch.cat([prediction, variance], 1), x0, t))["diffusion"]
+    assert float(with_variance) == pytest.approx(1.0)  # the second half never enters the squared error
+    with pytest.raises(UserError, match="9 channels"):
+        DiffusionObjective()(_context(torch.ones(2, 9, 2, 2), x0, t))

@@ -96,10 +96,11 @@ class DenoisingLoss(NamedTuple):
 
 
 def denoising_loss(ctx: StepContext) -> DenoisingLoss:
-    """The denoising loss of both diffusion objectives, and the only place the output is split.
+    """The denoising loss of both diffusion objectives.
 
     The output has C channels (the prediction) or 2C (learned variance: the prediction is the first
-    half, the variance interpolation of improved DDPM Eq. 15 the second). The target is computed
+    half, the variance interpolation of improved DDPM Eq. 15 the second), told apart here only, by
+    :func:`split_output`; the objectives read the halves from the result. The target is computed
     from the *clean* x0 and the x_t the model actually saw: x0-prediction regresses x0; ε-prediction
     ε* = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t); v-prediction v* = √ᾱ_t·ε* − √(1−ᾱ_t)·x0. Without augmentation
     ε* is the drawn noise; with ADDP augmentation (x_t made from a corrupted x0') the targets still
@@ -112,7 +113,7 @@ def denoising_loss(ctx: StepContext) -> DenoisingLoss:
     not by the batch's mean, so the expected loss is the c_t²-weighted one at every batch size and
     under gradient accumulation (:mod:`genperc.diffusion.timesteps`).
     """
-    prediction, variance = _split_output(ctx.output, ctx.x0.shape[1])
+    prediction, variance = split_output(ctx.output, ctx.x0.shape[1])
     target = ctx.schedule.convert(ctx.x0, "x0", ctx.schedule.config.prediction_type, ctx.x_t, ctx.t)
     mask = getattr(ctx.batch, "loss_mask", None)
     per_sample = masked_mean_squared_error(prediction.float(), target.float(), mask)
@@ -121,7 +122,8 @@ def denoising_loss(ctx: StepContext) -> DenoisingLoss:
     return DenoisingLoss(per_sample.mean(), prediction, variance)
 
 
-def _split_output(output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+def split_output(output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+    """(prediction, learned-variance v or None) of a raw model output for a ``channels``-channel x0."""
     if output.shape[1] == channels:
         return output, None
     if output.shape[1] == 2 * channels:
