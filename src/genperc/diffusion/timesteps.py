@@ -8,10 +8,12 @@ training timestep, summing to 1):
   w = T·c_t². The objectives use these weights as given, ``L = mean_i(w_i·L_i)``
   (:func:`~genperc.training.strategies.denoising_loss`): the normaliser is the expectation of w
   under the sampling distribution, E[w] = Σ_t (1/T)·T·c_t² = 1, a constant, so
-  E[L] = Σ_t c_t²·E[L_t] — the paper's c_t²-weighted loss — at every batch size, and k
-  accumulated micro-batches of b samples give the same gradient as one batch of k·b. (Dividing by
-  the batch's own mean weight instead, a self-normalised estimate, is biased: uniform at batch 1,
-  and each micro-batch normalised separately under accumulation.)
+  E[L] = Σ_t c_t²·E[L_t] — the paper's c_t²-weighted loss (§4.3.1, Table 5's "Loss Scaling") — at
+  every batch size, and k accumulated micro-batches of b samples give the same gradient as one
+  batch of k·b. (Dividing by the batch's own mean weight instead, a self-normalised estimate, is
+  biased: uniform at batch 1, and each micro-batch normalised separately under accumulation.) The
+  weights are unbounded above: with the diffusion c² of Stable Diffusion's schedule w reaches ≈10.5
+  at t = T−1, so a batch's loss swings with its draws (gradient clipping keeps steps bounded).
 * ``prob-scaling``: t ~ Multinomial(c_0², …, c_{T−1}²) (``torch.multinomial`` with replacement, on
   the caller's generator) and no loss weight — what the paper's Table 5 finds best and what the
   authors' released code does.
