@@ -1,15 +1,17 @@
-"""ADDP §3.1 timestep strategies and contribution factors: presets, the diffusion formulation, specs,
-seeded draws, the multinomial histogram and the loss-scaling weights."""
+"""ADDP §3.1 timestep strategies and contribution factors: the authors' tables, the diffusion
+formulation, specs, seeded draws, the multinomial histogram and the loss-scaling weights (how the
+objectives apply them: test_loss_weights.py)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from genperc.config import TrainConfig
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.diffusion.timesteps import (
-    PRESETS,
+    AUTHOR_TABLES,
     LossScalingTimesteps,
     ProbScalingTimesteps,
     UniformTimesteps,
@@ -31,10 +33,10 @@ def schedule():
     return NoiseSchedule(DiffusionConfig())
 
 
-def test_presets_map_to_bins_with_bin0_least_noise():
+def test_author_tables_map_to_bins_with_bin0_least_noise():
     c = load_contributions("addp-referring", 1000)
     assert c.shape == (1000,) and torch.isclose(c.sum(), torch.tensor(1.0, dtype=torch.float64))
-    table = torch.tensor(PRESETS["addp-referring"], dtype=torch.float64)
+    table = torch.tensor(AUTHOR_TABLES["addp-referring"], dtype=torch.float64)
     assert torch.allclose(timesteps_to_bins(c, 10), table / table.sum())
     assert torch.allclose(c[900:], c[950].expand(100))  # uniform inside a bin
     assert float(c[900:].sum()) == pytest.approx(95 / 108)  # 88% of draws from t >= 900
@@ -45,18 +47,21 @@ def test_uneven_bins_keep_each_bins_mass():
     assert bin_edges(3, 10) == [0, 3, 7, 10]
     c = bins_to_timesteps([1, 1, 2], 10)
     assert torch.allclose(timesteps_to_bins(c, 3), torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+    by_hand = [0.25 / 3] * 3 + [0.25 / 4] * 4 + [0.5 / 3] * 3  # bins [0, 3), [3, 7), [7, 10)
+    assert c.tolist() == pytest.approx(by_hand, rel=1e-12)
     with pytest.raises(UserError):
         bins_to_timesteps([1] * 11, 10)
 
 
 def test_diffusion_contributions_follow_inverse_snr(schedule):
+    # ᾱ of the default (Stable Diffusion "scaled_linear") schedule, written out in numpy
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    ab = np.cumprod(1 - betas)
+    ratio = (1 - ab) / ab
     c = diffusion_contributions(schedule)
-    ab = schedule.alphas_cumprod
-    ref = (1 - ab) / ab
-    assert torch.allclose(c, ref / ref.sum()) and float(c.sum()) == pytest.approx(1.0)
-    assert (c[1:] >= c[:-1]).all()  # noisier steps weigh more
+    np.testing.assert_allclose(c.numpy(), ratio / ratio.sum(), rtol=1e-4)  # diffusers' betas are float32
     per_bin = diffusion_contributions(schedule, bins=10)
-    assert per_bin.shape == (10,) and float(per_bin[9]) > 0.5
+    np.testing.assert_allclose(per_bin.numpy(), (ratio / ratio.sum()).reshape(10, 100).sum(1), rtol=1e-5)
 
 
 def test_zero_terminal_snr_is_clamped_not_infinite():
@@ -91,7 +96,7 @@ def test_load_contributions_specs(tmp_path, schedule):
 
 @pytest.mark.parametrize("name", ["uniform", "loss-scaling", "prob-scaling"])
 def test_draws_are_seeded(name):
-    s = create_timestep_sampler(name, 1000, contributions=PRESETS["addp-depth"])
+    s = create_timestep_sampler(name, 1000, contributions=AUTHOR_TABLES["addp-depth"])
     a = s.sample(64, torch.Generator().manual_seed(3))
     b = s.sample(64, torch.Generator().manual_seed(3))
     c = s.sample(64, torch.Generator().manual_seed(4))
@@ -107,7 +112,7 @@ def test_prob_scaling_histogram_matches_c2():
     t, w = s.sample(n, torch.Generator().manual_seed(0))
     assert w is None
     counts = torch.bincount(timestep_bins(t, 10, 1000), minlength=10).double()
-    table = torch.tensor(PRESETS["addp-depth"], dtype=torch.float64)
+    table = torch.tensor(AUTHOR_TABLES["addp-depth"], dtype=torch.float64)
     expected = n * table / table.sum()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 27.9  # 9 degrees of freedom, p = 0.001
@@ -121,28 +126,14 @@ def test_prob_scaling_never_draws_zero_weight_timesteps():
 
 
 def test_loss_scaling_weights_are_T_c2_with_mean_one():
-    c = load_contributions("addp-referring", 1000)
-    s = create_timestep_sampler("loss-scaling", 1000, contributions=c)
+    s = create_timestep_sampler("loss-scaling", 1000, contributions=load_contributions("addp-referring", 1000))
     t, w = s.sample(50000, torch.Generator().manual_seed(0))
-    assert torch.allclose(w.double(), 1000 * c[t], rtol=1e-6)
+    # bin b = t // 100 holds factor_b / 108 spread over 100 timesteps: w = 1000 · factor_b / 108 / 100
+    table = torch.tensor([1, 1, 1, 1, 1, 1, 1, 2, 4, 95], dtype=torch.float64)
+    assert torch.allclose(w.double(), 10 * table[t // 100] / 108, rtol=1e-6)
     assert float(w.mean()) == pytest.approx(1.0, abs=0.05)
     counts = torch.bincount(timestep_bins(t, 10, 1000), minlength=10).double()
     assert float(counts.min()) > 4000  # t stays uniform
-
-
-def test_loss_scaling_weights_enter_the_objective_as_a_weighted_mean():
-    from genperc.diffusion.conditioning import Conditioning
-    from genperc.training.strategies import DiffusionObjective, StepContext
-
-    sched = NoiseSchedule(DiffusionConfig(prediction_type="x0"))
-    g = torch.Generator().manual_seed(0)
-    x0, out = torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 3, 4, 4, generator=g)
-    s = LossScalingTimesteps(1000, load_contributions("addp-depth", 1000))
-    t, w = s.sample(4, g)
-    ctx = StepContext(output=out, x0=x0, x_t=x0, noise=x0, t=t, weights=w, schedule=sched, cond=Conditioning(),
-                      model=None)
-    per = (out - x0).pow(2).flatten(1).mean(1)
-    assert float(DiffusionObjective()(ctx)["diffusion"]) == pytest.approx(float((per * w).sum() / w.sum()), rel=1e-5)
 
 
 def test_build_timestep_sampler_from_train_config(schedule):

@@ -85,7 +85,7 @@ def _num_timesteps(csv_path: Path, given: int | None) -> int:
 
 
 def _compare_tables(names: list[str], schedule, bins: int) -> dict:
-    from genperc.diffusion.timesteps import PRESETS, bins_to_timesteps, diffusion_contributions, timesteps_to_bins
+    from genperc.diffusion.timesteps import AUTHOR_TABLES, bins_to_timesteps, diffusion_contributions, timesteps_to_bins
 
     out = {}
     for name in names:
@@ -93,13 +93,13 @@ def _compare_tables(names: list[str], schedule, bins: int) -> dict:
             if schedule is None:
                 raise UserError("--compare diffusion needs the noise schedule", "pass --run RUN")
             out["diffusion c²"] = diffusion_contributions(schedule, bins=bins)
-        elif name in PRESETS:
-            if len(PRESETS[name]) == bins:
-                out[name] = PRESETS[name]
+        elif name in AUTHOR_TABLES:
+            if len(AUTHOR_TABLES[name]) == bins:
+                out[name] = AUTHOR_TABLES[name]
             else:
-                out[name] = timesteps_to_bins(bins_to_timesteps(PRESETS[name], 1000), bins)
+                out[name] = timesteps_to_bins(bins_to_timesteps(AUTHOR_TABLES[name], 1000), bins)
         else:
-            raise UserError(f"unknown table to compare with: {name}", "use diffusion, " + ", ".join(PRESETS))
+            raise UserError(f"unknown table to compare with: {name}", "use diffusion, " + ", ".join(AUTHOR_TABLES))
     return out
 
 

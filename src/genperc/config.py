@@ -67,7 +67,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     timesteps: str = "uniform"  # timestep strategy: uniform | loss-scaling | prob-scaling (ADDP §3.1)
-    contributions: str = "diffusion"  # c_t² for the strategy: diffusion | a preset | a c.json path | "[1, 3, …]"
+    contributions: str = "diffusion"  # c_t² for the strategy: diffusion | addp-depth | addp-referring | a c.json path | "[1, 3, …]"
     augment: float = 0.0  # ADDP §3.2 diffusion-tailored augmentation intensity multiplier (0 = off)
     cond_dropout: float = 0.05  # InstructPix2Pix conditioning dropout p (0 disables)
     log_every: int = 10

@@ -230,7 +230,12 @@ class NoiseSchedule:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def convert(self, pred: Tensor, src: str, dst: str, x_t: Tensor, t) -> Tensor:
-        """Exact conversion between "eps", "x0" and "v" (see :func:`convert_prediction`)."""
+        """Exact conversion between "eps", "x0" and "v" (see :func:`convert_prediction`).
+
+        The training target is ``convert(x0, "x0", kind, x_t, t)`` with the *clean* x0 and the x_t
+        the model saw (:func:`genperc.training.strategies.denoising_loss`), never the drawn ε: under
+        ADDP augmentation x_t is made from a corrupted x0', and ε* = (x_t − √ᾱ·x0)/√(1−ᾱ) ≠ ε.
+        """
         return convert_prediction(pred, src, dst, x_t, self.alpha_bar(t))
 
     def to_x0(self, pred: Tensor, x_t: Tensor, t, src: str | None = None) -> Tensor:
@@ -240,16 +245,6 @@ class NoiseSchedule:
     def to_eps(self, pred: Tensor, x_t: Tensor, t, src: str | None = None) -> Tensor:
         """The ε implied by a model output in ``src`` (default: the config's prediction type)."""
         return self.convert(pred, src or self.config.prediction_type, "eps", x_t, t)
-
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Regression target for the config's prediction type: ε, x0 or v = √ᾱ·ε − √(1−ᾱ)·x0."""
-        kind = self.config.prediction_type
-        if kind == "eps":
-            return noise
-        if kind == "x0":
-            return x0
-        ab = _bcast(self.alpha_bar(t), x0)
-        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
     def posterior_mean_variance(
         self, x0: Tensor, x_t: Tensor, t, t_prev, eta: float = 1.0, eps: Tensor | None = None

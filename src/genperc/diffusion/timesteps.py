@@ -5,11 +5,15 @@ sampling") adds two strategies driven by contribution factors c_t² (one non-neg
 training timestep, summing to 1):
 
 * ``loss-scaling``: t ~ U{0, …, T−1} as usual and the sample's loss is multiplied by
-  w = T·c_t². Under uniform t, E[w] = Σ_t (1/T)·T·c_t² = 1, so the loss keeps its scale on
-  average. The trainer's :class:`~genperc.training.strategies.DiffusionObjective` then divides the
-  weights by their batch mean (``L = Σ_i w_i·L_i / Σ_i w_i``), a self-normalised estimate of the
-  same weighted loss whose scale does not swing with the batch's draws; the constant T therefore
-  cancels there and only the relative weights matter.
+  w = T·c_t². The objectives use these weights as given, ``L = mean_i(w_i·L_i)``
+  (:func:`~genperc.training.strategies.denoising_loss`): the normaliser is the expectation of w
+  under the sampling distribution, E[w] = Σ_t (1/T)·T·c_t² = 1, a constant, so
+  E[L] = Σ_t c_t²·E[L_t] — the paper's c_t²-weighted loss (§4.3.1, Table 5's "Loss Scaling") — at
+  every batch size, and k accumulated micro-batches of b samples give the same gradient as one
+  batch of k·b. (Dividing by the batch's own mean weight instead, a self-normalised estimate, is
+  biased: uniform at batch 1, and each micro-batch normalised separately under accumulation.) The
+  weights are unbounded above: with the diffusion c² of Stable Diffusion's schedule w reaches ≈10.5
+  at t = T−1, so a batch's loss swings with its draws (gradient clipping keeps steps bounded).
 * ``prob-scaling``: t ~ Multinomial(c_0², …, c_{T−1}²) (``torch.multinomial`` with replacement, on
   the caller's generator) and no loss weight — what the paper's Table 5 finds best and what the
   authors' released code does.
@@ -17,7 +21,7 @@ training timestep, summing to 1):
 The factors come from :func:`load_contributions`:
 
 * ``"diffusion"`` — :func:`diffusion_contributions`, c_t² ∝ (1−ᾱ_t)/ᾱ_t (ADDP §3.1, Eq. 3);
-* a preset name — the authors' tables, :data:`PRESETS` (``addp-depth``, ``addp-referring``);
+* the name of one of the authors' tables, :data:`AUTHOR_TABLES` (``addp-depth``, ``addp-referring``);
 * a path to the ``c.json`` written by ``genperc analyze contributions`` (perception statistics,
   :mod:`genperc.evaluation.contributions`);
 * a literal table ``"[1, 1, 3, 7, 13, 14, 8, 4, 22, 33]"`` (any length n ≤ T).
@@ -45,12 +49,12 @@ from genperc.errors import UserError
 
 #: The authors' c_t² tables (REFERENCE.md, "c_t² tables used by the authors"): 10 bins of T/10
 #: timesteps, bin 0 = t ∈ [0, 100) (least noise) … bin 9 = t ∈ [900, 1000) (first denoising steps).
-PRESETS: dict[str, tuple[float, ...]] = {
+AUTHOR_TABLES: dict[str, tuple[float, ...]] = {
     "addp-depth": (1, 1, 3, 7, 13, 14, 8, 4, 22, 33),
     "addp-referring": (1, 1, 1, 1, 1, 1, 1, 2, 4, 95),
 }
 
-CONTRIBUTION_SPECS = "'diffusion', " + ", ".join(f"'{k}'" for k in PRESETS) + \
+CONTRIBUTION_SPECS = "'diffusion', " + ", ".join(f"'{k}'" for k in AUTHOR_TABLES) + \
     ", a c.json path from 'genperc analyze contributions', or a list like '[1, 3, 5]'"
 
 
@@ -168,7 +172,7 @@ def read_contributions_file(path) -> list[float]:
 def load_contributions(spec, schedule) -> Tensor:
     """Resolve a contributions spec into normalised per-timestep c_t² [T] (float64, sums to 1).
 
-    ``spec``: ``"diffusion"`` | a name in :data:`PRESETS` | a path to a ``c.json`` | a literal list
+    ``spec``: ``"diffusion"`` | a name in :data:`AUTHOR_TABLES` | a path to a ``c.json`` | a literal list
     string ``"[1, 3, …]"`` | a list/tuple/tensor of per-bin factors (bin 0 = least noise; module
     doc). ``schedule``: a :class:`~genperc.diffusion.schedule.NoiseSchedule`, or an int T for specs
     other than ``"diffusion"``.
@@ -183,8 +187,8 @@ def load_contributions(spec, schedule) -> Tensor:
         if isinstance(schedule, int):
             raise UserError("contributions='diffusion' needs the noise schedule", "pass a NoiseSchedule")
         return diffusion_contributions(schedule)
-    if s in PRESETS:
-        return bins_to_timesteps(PRESETS[s], T)
+    if s in AUTHOR_TABLES:
+        return bins_to_timesteps(AUTHOR_TABLES[s], T)
     if s.startswith("["):
         return bins_to_timesteps(_parse_list(s), T)
     if Path(s).is_file():
@@ -242,7 +246,8 @@ class _ContributionSampler(TimestepSampler):
         self.contributions = c / c.sum()  # float64 [T], sums to 1
         self._cache: dict[tuple[str, torch.dtype], Tensor] = {}
 
-    def _on(self, device, dtype=torch.float32) -> Tensor:
+    def _contributions_on(self, device, dtype=torch.float32) -> Tensor:
+        """c_t² [T] on ``device`` in ``dtype`` (cached per device and dtype)."""
         key = (str(device), dtype)
         if key not in self._cache:
             self._cache[key] = self.contributions.to(device=device, dtype=dtype)
@@ -250,14 +255,18 @@ class _ContributionSampler(TimestepSampler):
 
 
 class LossScalingTimesteps(_ContributionSampler):
-    """t ~ U{0, …, T−1}; per-sample loss weight w = T·c_t² (mean 1 under uniform t; module doc)."""
+    """t ~ U{0, …, T−1}; per-sample loss weight w = T·c_t² (E[w] = 1 under uniform t; module doc)."""
 
     name = "loss-scaling"
 
     def sample(self, batch_size, generator, device=None):
         t = torch.randint(0, self.T, (batch_size,), generator=generator, device=generator.device)
-        w = self._on(t.device)[t] * self.T
-        return t.to(device), w.to(device)
+        return t.to(device), self.loss_weights(t).to(device)
+
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """w = T·c_t² for timesteps ``t`` (float32, on t's device)."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        return self._contributions_on(t.device)[t] * self.T
 
 
 class ProbScalingTimesteps(_ContributionSampler):
@@ -266,7 +275,7 @@ class ProbScalingTimesteps(_ContributionSampler):
     name = "prob-scaling"
 
     def sample(self, batch_size, generator, device=None):
-        probs = self._on(generator.device, torch.float64 if generator.device.type == "cpu" else torch.float32)
+        probs = self._contributions_on(generator.device, torch.float64 if generator.device.type == "cpu" else torch.float32)
         t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
         return t.to(device), None
 
@@ -314,7 +323,7 @@ def describe(sampler: TimestepSampler, bins: int = 10) -> str:
 
 
 __all__ = [
-    "PRESETS", "TimestepSampler", "UniformTimesteps", "LossScalingTimesteps", "ProbScalingTimesteps",
+    "AUTHOR_TABLES", "TimestepSampler", "UniformTimesteps", "LossScalingTimesteps", "ProbScalingTimesteps",
     "STRATEGIES", "create_timestep_sampler", "build_timestep_sampler", "load_contributions",
     "diffusion_contributions", "bins_to_timesteps", "timesteps_to_bins", "bin_edges", "timestep_bins",
     "read_contributions_file", "describe",

@@ -232,7 +232,7 @@ def _calibrate(run, job: dict) -> dict:
     """Perception c_t² of this (uniform) model: per-step metric of the val items, cumulative R²
     (ADDP §3.1) → ``RUN/contributions/c.json`` and its plot against the diffusion c² and the
     authors' table."""
-    from genperc.diffusion.timesteps import PRESETS as C_TABLES
+    from genperc.diffusion.timesteps import AUTHOR_TABLES as C_TABLES
     from genperc.diffusion.timesteps import diffusion_contributions
     from genperc.evaluation.contributions import perception_contributions, plot_contributions, write_contributions
     from genperc.evaluation.trajectory import write_step_metrics
@@ -508,7 +508,7 @@ def _curve_table(results: dict) -> list[str]:
 
 
 def _c2_table(results: dict) -> list[str]:
-    from genperc.diffusion.timesteps import PRESETS as C_TABLES
+    from genperc.diffusion.timesteps import AUTHOR_TABLES as C_TABLES
 
     est = {s: results["runs"][f"uniform-s{s}"]["perception_c2"] for s in range(results["seeds"])
            if "perception_c2" in results["runs"].get(f"uniform-s{s}", {})}

@@ -677,7 +677,7 @@ def train_genrep(cfg: RunConfig, run_dir: str | Path, *, train_source=None, gcfg
             unified.attach_semantic(teacher)
         provider = make_provider(step_fn, unified)
         objectives = [PerceptionObjective(recorder, provider, pc.weight, gcfg.seg_weight, gcfg.depth_weight),
-                      HybridDiffusionObjective(gcfg.vlb_weight, prefix="genera/")]
+                      HybridDiffusionObjective(gcfg.vlb_weight)]
         if gcfg.semantic.rep_align:
             objectives.append(RepAlignObjective(teacher, gcfg.semantic))
         aligned = unified.attention_parameters() if gcfg.align.params == "attention" else None

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from genperc.diffusion.schedule import NoiseSchedule
 from genperc.diffusion.variance import clipped_log_posterior_variance, learned_log_variance
-from genperc.training.strategies import StepContext
+from genperc.training.strategies import StepContext, denoising_loss
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -80,29 +80,25 @@ def vlb_terms(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, pred_
 class HybridDiffusionObjective:
     """Improved DDPM's L_hybrid = L_simple + λ·L_vlb for a learned-variance model (module doc).
 
-    Returns ``{prefix + "simple": …, prefix + "vlb": λ·T·mean(L_t)}``. Without learned variance
-    (output has C channels) only the simple term is returned. ``prefix`` lets GenRep group the
-    losses ("genera/").
+    Returns ``{"simple": L_simple, "vlb": λ·T·mean(L_t)}``; L_simple is the one denoising loss
+    (:func:`~genperc.training.strategies.denoising_loss`: target from the clean x0, loss weights as
+    given, the task's loss mask). Without learned variance (output has C channels) only ``simple``
+    is returned. Open choices: L_vlb takes neither the loss weights nor the loss mask (improved DDPM
+    has neither; GenRep's images have no invalid pixels). Both terms belong to the ``generation``
+    group (GenRep's L_genera).
     """
 
-    def __init__(self, vlb_weight: float = 0.001, prefix: str = ""):
+    group = "generation"
+
+    def __init__(self, vlb_weight: float = 0.001):
         self.vlb_weight = float(vlb_weight)
-        self.prefix = prefix
 
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
-        out = ctx.output
-        c = ctx.x0.shape[1]
-        schedule = ctx.schedule
-        kind = schedule.config.prediction_type
-        pred = out[:, :c]
-        target = schedule.convert(ctx.x0, "x0", kind, ctx.x_t, ctx.t)
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-        if ctx.weights is not None:
-            w = ctx.weights.to(per_sample)
-            per_sample = per_sample * w / w.mean().clamp_min(1e-12)
-        losses = {self.prefix + "simple": per_sample.mean()}
-        if out.shape[1] == 2 * c and self.vlb_weight > 0:
-            pred_x0 = schedule.to_x0(pred.detach().float(), ctx.x_t.float(), ctx.t)
-            terms = vlb_terms(schedule, ctx.x0.float(), ctx.x_t.float(), ctx.t, pred_x0, out[:, c:].float())
-            losses[self.prefix + "vlb"] = self.vlb_weight * schedule.num_train_timesteps * terms.mean()
+        simple, prediction, variance = denoising_loss(ctx)
+        losses = {"simple": simple}
+        if variance is not None and self.vlb_weight > 0:
+            schedule = ctx.schedule
+            pred_x0 = schedule.to_x0(prediction.detach().float(), ctx.x_t.float(), ctx.t)
+            terms = vlb_terms(schedule, ctx.x0.float(), ctx.x_t.float(), ctx.t, pred_x0, variance.float())
+            losses["vlb"] = self.vlb_weight * schedule.num_train_timesteps * terms.mean()
         return losses
