@@ -12,8 +12,9 @@ each transform here is torchvision's definition, batched:
 
   - ``ColorJitter(brightness=i, contrast=i, saturation=i)`` of the pure-red overlay colour: each
     factor ~ U[max(0, 1−i), 1+i], the three applied in a random order; brightness = f·c,
-    contrast = f·c + (1−f)·mean gray of the image, saturation = f·c + (1−f)·gray(c), gray = ITU-R 601
-    luma, clamped to [0, 1] after each (torchvision's ``adjust_*``). The overlay is one colour, so
+    contrast = f·c + (1−f)·mean gray of the image, saturation = f·c + (1−f)·gray(c), gray =
+    0.2989·R + 0.587·G + 0.114·B (torchvision's ``rgb_to_grayscale``), clamped to [0, 1] after each
+    (torchvision's ``adjust_*`` on tensors). The overlay is one colour, so
     the image's mean gray is the colour's own gray.
   - ``RandomAffine(degrees=50·i, translate=(i, i), scale=(1−i, 1+i))`` of the mask: rotation
     ~ U(±50·i)° (clockwise on screen, torchvision's ``affine``), translation ~ U(±i·W), U(±i·H)
@@ -66,7 +67,7 @@ ERASE_P = 0.5
 ERASE_RATIO = (0.5, 2.0)
 DEPTH_SIGMA_MAX = 10.0
 DEPTH_KERNEL = 31
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601, 0.299 rounded down)
 #: the six orders of the jitter operations, 0 = brightness, 1 = contrast, 2 = saturation
 JITTER_ORDERS = tuple(itertools.permutations(range(3)))
 REFERRING_DRAWS = 13  # uniforms per sample: 4 colour jitter, 4 affine, 5 erasing
