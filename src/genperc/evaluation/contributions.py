@@ -175,7 +175,7 @@ def _apply_floor(f: Tensor, floor: float) -> Tensor:
 
 
 def perception_contributions(
-    M,
+    metric_matrix,
     timesteps=None,
     *,
     bins: int = 10,
@@ -188,7 +188,7 @@ def perception_contributions(
 ) -> ContributionResult:
     """The iterative cumulative-R² estimate of c_t² (module doc) from an N×S metric matrix.
 
-    ``M``: [N, S] per-sample metric, columns in denoising order (the last column is the final
+    ``metric_matrix``: [N, S] per-sample metric, columns in denoising order (the last column is the final
     prediction). ``timesteps``: [S] the timestep of each column; default: S evenly spread steps,
     column j at t = ⌊(S − j − ½)·T/S⌋. Columns are sorted by decreasing t (the final step is the
     lowest t). Returns a :class:`ContributionResult`.
@@ -197,11 +197,11 @@ def perception_contributions(
         raise UserError(f"within_bin={within_bin!r} is not valid", f"use one of: {', '.join(WITHIN_BIN)}")
     if final not in FINAL:
         raise UserError(f"final={final!r} is not valid", f"use one of: {', '.join(FINAL)}")
-    M = torch.as_tensor(M, dtype=torch.float64)
-    if M.ndim != 2 or M.shape[1] < 2:
-        raise UserError(f"the metric matrix must be N×S with S ≥ 2 steps, got shape {tuple(M.shape)}",
+    matrix = torch.as_tensor(metric_matrix, dtype=torch.float64)
+    if matrix.ndim != 2 or matrix.shape[1] < 2:
+        raise UserError(f"the metric matrix must be N×S with S ≥ 2 steps, got shape {tuple(matrix.shape)}",
                         "pass rows = samples, columns = denoising steps")
-    S = M.shape[1]
+    S = matrix.shape[1]
     bin_edges(bins, T)  # validates bins against T
     if not 0 <= floor <= 1.0 / bins:
         raise UserError(f"floor={floor} must be in [0, 1/bins = {1 / bins:.4g}]", "use e.g. 0.01 or 0")
@@ -215,17 +215,17 @@ def perception_contributions(
             raise UserError(f"timesteps must lie in [0, {T}), got {ts.min().item()}…{ts.max().item()}",
                             "pass the schedule's num_train_timesteps as T")
     order = torch.argsort(-ts, stable=True)
-    ts, M = ts[order], M[:, order]
+    ts, matrix = ts[order], matrix[:, order]
 
-    finite = torch.isfinite(M).all(1)
+    finite = torch.isfinite(matrix).all(1)
     dropped = int((~finite).sum())
-    M = M[finite]
-    N = M.shape[0]
+    matrix = matrix[finite]
+    N = matrix.shape[0]
     if N < 3:
         raise UserError(f"only {N} samples with finite metrics at every step", "analyse at least 3 (better ≥ 50) samples")
-    y = M[:, -1] - M[:, -1].mean()
-    if float(y.abs().max()) <= 1e-12 * max(1.0, float(M[:, -1].abs().max())):
-        raise UserError(f"the final metric is the same for all {N} samples ({float(M[0, -1]):.4g}): nothing to explain",
+    y = matrix[:, -1] - matrix[:, -1].mean()
+    if float(y.abs().max()) <= 1e-12 * max(1.0, float(matrix[:, -1].abs().max())):
+        raise UserError(f"the final metric is the same for all {N} samples ({float(matrix[0, -1]):.4g}): nothing to explain",
                         "use more varied samples or a better-trained model")
     y = y / y.norm()
 
@@ -244,11 +244,11 @@ def perception_contributions(
         cols = per_bin[b]
         if cols and not undefined:
             if within_bin == "mean":
-                new = [M[:, cols].mean(1)]
+                new = [matrix[:, cols].mean(1)]
             elif within_bin == "last":
-                new = [M[:, cols[-1]]]
+                new = [matrix[:, cols[-1]]]
             else:
-                new = [M[:, j] for j in cols]
+                new = [matrix[:, j] for j in cols]
             for c in new:
                 value = proj.add(_standardise(c))
             rank = proj.rank
