@@ -175,9 +175,9 @@ def augment(
         ts = [int(v) for v in timesteps.split(",") if v.strip()]
     except ValueError as e:
         raise UserError(f"--timesteps {timesteps!r} is not a comma-separated list of integers", "e.g. 0,500,999") from e
-    p = augmentation_figure(task, out, source=source, path=path, split=split, resolution=resolution,
+    figure = augmentation_figure(task, out, source=source, path=path, split=split, resolution=resolution,
                             samples=samples, timesteps=ts, intensity=intensity, T=num_train_timesteps, seed=seed)
-    typer.echo(f"wrote {p}")
+    typer.echo(f"wrote {figure}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,11 +180,8 @@ def _step_scores(run, split: str, indices: list[int], seed: int):
 def run_job(job: dict) -> dict:
     """Train one run (resuming it when it has a checkpoint), score it at every denoising step on the
     test items, and (``job["calibrate"]``) estimate its perception c_t² on the val items. Returns
-    and writes ``RUN/result.json``."""
-    from genperc import build
-    from genperc.evaluation.trajectory import write_step_metrics
+    and writes ``RUN/result.json``; a finished run is only completed by a missing estimate."""
     from genperc.inference import load_run
-    from genperc.training.trainer import Trainer
 
     run_dir = Path(job["run_dir"])
     done = run_dir / "result.json"
@@ -194,27 +191,41 @@ def run_job(job: dict) -> dict:
             return result
         return _save_result(done, result | {"perception_c2": _try_calibrate(load_run(run_dir), job)})
     cfg = load_config(base=job["config"])
-    task = build.build_task(cfg)
-    text_encoder = _text_encoder(cfg, task)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, task=task, text_encoder=text_encoder)
-    resume = bool(list((run_dir / "checkpoints").glob("step-*")))
-    trained = trainer.train(resume=resume)
-    train_s = time.perf_counter() - t0
-    del trainer
+    trained, text_encoder, train_s = _train(cfg, run_dir)
     run = load_run(run_dir, text_encoder=text_encoder)
-    t0 = time.perf_counter()
-    scores, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
-    eval_s = time.perf_counter() - t0
-    write_step_metrics(scores, run_dir / "steps", {"split": job["eval_split"], "task": run.task.name})
-    result = {"name": job["name"], "seed": job["seed"], "summary": per_step[-1], "timesteps": scores.timesteps.tolist(),
-              "per_step": per_step, "train_s": train_s, "eval_s": eval_s, "steps": trained.step,
-              "images_per_s": trained.images_per_s, "final_loss": trained.loss, "threads": torch.get_num_threads(),
-              "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
-              "augment": cfg.train.augment}
+    result = _score_on_test(run, job) | {
+        "name": job["name"], "seed": job["seed"], "train_s": train_s, "steps": trained.step,
+        "images_per_s": trained.images_per_s, "final_loss": trained.loss, "threads": torch.get_num_threads(),
+        "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
+        "augment": cfg.train.augment}
     if job.get("calibrate"):
         result["perception_c2"] = _try_calibrate(run, job)
     return _save_result(done, result)
+
+
+def _train(cfg, run_dir: Path):
+    """Train (or resume) the run; its training result, the text encoder and the seconds it took."""
+    from genperc import build
+    from genperc.training.trainer import Trainer
+
+    task = build.build_task(cfg)
+    text_encoder = _text_encoder(cfg, task)
+    start = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, task=task, text_encoder=text_encoder)
+    trained = trainer.train(resume=bool(list((run_dir / "checkpoints").glob("step-*"))))
+    return trained, text_encoder, time.perf_counter() - start
+
+
+def _score_on_test(run, job: dict) -> dict:
+    """The run's split-level summary at every denoising step on the job's test items (the last
+    step is the table entry); the per-sample matrices go to ``RUN/steps``."""
+    from genperc.evaluation.trajectory import write_step_metrics
+
+    start = time.perf_counter()
+    scores, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
+    eval_s = time.perf_counter() - start
+    write_step_metrics(scores, Path(job["run_dir"]) / "steps", {"split": job["eval_split"], "task": run.task.name})
+    return {"summary": per_step[-1], "timesteps": scores.timesteps.tolist(), "per_step": per_step, "eval_s": eval_s}
 
 
 def _save_result(path: Path, result: dict) -> dict:
