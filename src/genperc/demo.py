@@ -66,22 +66,24 @@ def trivial_baselines(dataset, task, limit: int | None = None) -> dict[str, dict
     """Score the empty mask and the named-shape mask on the first ``limit`` items of ``dataset``."""
     from genperc.data.transforms import plan_resize
 
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    per: dict[str, dict[str, list]] = {"empty mask": {}, "named shape": {}}
-    for i in range(n):
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    per_sample: dict[str, dict[str, list]] = {"empty mask": {}, "named shape": {}}
+    for i in range(count):
         item = dataset[i]
-        rec = dataset.source[item["meta"]["record_index"]]
-        plan = plan_resize(rec.image.shape[:2], dataset.resolution, dataset.fit)
+        record = dataset.source[item["meta"]["record_index"]]
+        plan = plan_resize(record.image.shape[:2], dataset.resolution, dataset.fit)
         batch = {"mask": item["mask"][None], "family": [item["family"]]}
-        preds = {"empty mask": torch.zeros_like(batch["mask"]), "named shape": head_noun_mask(rec, item["text"], plan)}
-        for name, pred in preds.items():
-            for k, v in task.metrics(pred, batch).items():
-                if isinstance(v, torch.Tensor):
-                    per[name].setdefault(k, []).append(v)
+        predictions = {"empty mask": torch.zeros_like(batch["mask"]),
+                       "named shape": head_noun_mask(record, item["text"], plan)}
+        for name, prediction in predictions.items():
+            for key, value in task.metrics(prediction, batch).items():
+                if isinstance(value, torch.Tensor):
+                    per_sample[name].setdefault(key, []).append(value)
                 else:
-                    per[name].setdefault(k, []).extend(v)
-    return {name: task.summarize({k: torch.cat(v) if isinstance(v[0], torch.Tensor) else v for k, v in d.items()})
-            for name, d in per.items()}
+                    per_sample[name].setdefault(key, []).extend(value)
+    return {name: task.summarize({key: torch.cat(values) if isinstance(values[0], torch.Tensor) else values
+                                  for key, values in scores.items()})
+            for name, scores in per_sample.items()}
 
 
 def pick_examples(dataset, k: int) -> list[int]:
