@@ -206,3 +206,16 @@ def test_every_size_resolves_to_a_valid_config(key, tmp_path):
     assert cfg.diffusion.prediction_type == "x0"  # the paper's recommendation with augmentation
     per_scene = 1 if task == "depth" else 4  # items per scene: one depth map, several expressions
     assert p.eval_items <= p.scenes["test"] * per_scene and p.calib_items <= p.scenes["val"] * per_scene
+
+
+def test_c2_table_rows_by_hand():
+    runs = {("uniform", 0): 0.1}
+    results = _results("referring", runs, seeds=1, strategies=("uniform",), best="uniform")
+    factors = [0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2]  # bin 0 … bin 9
+    results["runs"]["uniform-s0"]["perception_c2"] = {"factors": factors, "explained": 0.456}
+    md = A.render_tables(results)
+    # noisiest bin first, in %; R² with two digits
+    assert _row(md, "c_t²", "perception, uniform seed 0") == ["20.0"] + ["10.0"] * 7 + ["5.0", "5.0", "0.46"]
+    # the authors' referring table [1, 1, 1, 1, 1, 1, 1, 2, 4, 95] of sum 108: 95/108 = 88.0 %, 4/108 = 3.7 %,
+    # 2/108 = 1.9 %, 1/108 = 0.9 %
+    assert _row(md, "c_t²", "the authors' table") == ["88.0", "3.7", "1.9"] + ["0.9"] * 7 + ["–"]

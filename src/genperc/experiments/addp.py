@@ -505,44 +505,57 @@ def aug_name(best: str, v: float) -> str:
 
 
 def render_tables(results: dict) -> str:
-    task, seeds = results["task"], results["seeds"]
-    cols = COLUMNS[task]
-    spec = results["size_spec"]
-    lines = [f"# ADDP ablations: {task} on the shapes world ({results['size']} size)", "",
-             f"Machine: {results['machine']}; {results['workers']} worker process(es) × {results['threads'] or 'default'} "
-             f"torch thread(s). {seeds} seed(s), mean ± std over seeds. Every run: {spec['steps']} steps of batch "
-             f"{spec['batch_size']} on {results['train_items']} training items ({spec['resolution']}×{spec['resolution']}, "
-             f"{spec['scenes']['train']} scenes), scored on {results['test_items']} test items "
-             f"({results['config']['sample']['sampler']}, {results['config']['sample']['steps']} steps); the "
-             f"perception c² from {results['val_items']} val items.", ""]
-    header = "| strategy | " + " | ".join(c[1] for c in cols) + " |"
-    paper = task == "referring"
-    if paper:
-        header += " paper: RefCOCO val oIoU |"
-    lines += ["## Table 5 — timestep strategies (equal data and compute)", "", header,
-              "|" + "---|" * (header.count("|") - 1)]
-    for n in results.get("strategies", []):
-        row = f"| {STRATEGIES[n][2]} | " + " | ".join(fmt_mean_std(_key_values(results, n, k, seeds), s, d)
-                                                   for k, _, s, d in cols) + " |"
-        if paper:
-            row += f" {PAPER_TABLE5.get(n, '–')} |"
-        lines.append(row)
-    lines.append("")
-    if task == "depth":
-        lines += ["The paper has no Table 5 for depth; its full method (the authors' table + augmentation) moves "
-                  "Marigold on NYUv2 from AbsRel 6.0 to 5.6 and δ1 95.9 to 96.3.", ""]
-    best = results.get("best_strategy")
-    if best:
-        lines += [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
-                  "| intensity | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-        for v in results.get("intensities", []):
-            lines.append(f"| {v:g}× | " + " | ".join(fmt_mean_std(_key_values(results, aug_name(best, v), k, seeds), s, d)
-                                                     for k, _, s, d in cols) + " |")
-        lines.append("")
-        lines += _curve_table(results)
+    """``tables.md``: the setup line, Table 5, Fig. 8, Fig. 7 per step, the c² tables and timings."""
+    lines = _setup_lines(results) + _table5(results)
+    if results.get("best_strategy"):
+        lines += _fig8_table(results) + _curve_table(results)
     lines += _c2_table(results)
     lines += _time_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _metric_cells(results: dict, run_name: str) -> str:
+    """The run's table cells: mean ± std over seeds of each of the task's columns."""
+    return " | ".join(fmt_mean_std(_key_values(results, run_name, key, results["seeds"]), scale, digits)
+                      for key, _, scale, digits in COLUMNS[results["task"]])
+
+
+def _setup_lines(results: dict) -> list[str]:
+    spec, sample = results["size_spec"], results["config"]["sample"]
+    return [f"# ADDP ablations: {results['task']} on the shapes world ({results['size']} size)", "",
+            f"Machine: {results['machine']}; {results['workers']} worker process(es) × "
+            f"{results['threads'] or 'default'} torch thread(s). {results['seeds']} seed(s), mean ± std over seeds. "
+            f"Every run: {spec['steps']} steps of batch {spec['batch_size']} on {results['train_items']} training "
+            f"items ({spec['resolution']}×{spec['resolution']}, {spec['scenes']['train']} scenes), scored on "
+            f"{results['test_items']} test items ({sample['sampler']}, {sample['steps']} steps); the perception c² "
+            f"from {results['val_items']} val items.", ""]
+
+
+def _table5(results: dict) -> list[str]:
+    """Table 5: one row per strategy; for referring, the paper's RefCOCO number beside it."""
+    columns = COLUMNS[results["task"]]
+    paper = results["task"] == "referring"
+    header = "| strategy | " + " | ".join(c[1] for c in columns) + " |" + (" paper: RefCOCO val oIoU |" if paper else "")
+    lines = ["## Table 5 — timestep strategies (equal data and compute)", "", header,
+             "|" + "---|" * (header.count("|") - 1)]
+    for name in results.get("strategies", []):
+        lines.append(f"| {STRATEGIES[name][2]} | {_metric_cells(results, name)} |"
+                     + (f" {PAPER_TABLE5.get(name, '–')} |" if paper else ""))
+    lines.append("")
+    if not paper:
+        lines += ["The paper has no Table 5 for depth; its full method (the authors' table + augmentation) moves "
+                  "Marigold on NYUv2 from AbsRel 6.0 to 5.6 and δ1 95.9 to 96.3.", ""]
+    return lines
+
+
+def _fig8_table(results: dict) -> list[str]:
+    """Fig. 8: one row per augmentation intensity on the best strategy."""
+    best, columns = results["best_strategy"], COLUMNS[results["task"]]
+    lines = [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
+             "| intensity | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for level in results.get("intensities", []):
+        lines.append(f"| {level:g}× | {_metric_cells(results, aug_name(best, level))} |")
+    return lines + [""]
 
 
 def final_name(results: dict) -> str | None:
@@ -580,33 +593,35 @@ def _curve_table(results: dict) -> list[str]:
     return lines + ["", "Curves of every run: `curves.png`; before/after: `before_after.png`.", ""]
 
 
-def _c2_table(results: dict) -> list[str]:
-    from genperc.diffusion.timesteps import PRESETS as C_TABLES
+def _percent_row(label: str, shares, r2: str = "–") -> str:
+    """A c² row: the per-bin shares (any scale) in % of their sum, noisiest bin first."""
+    total = float(sum(shares))
+    return f"| {label} | " + " | ".join(f"{100 * shares[b] / total:.1f}" for b in range(9, -1, -1)) + f" | {r2} |"
 
-    est = {s: results["runs"][f"uniform-s{s}"]["perception_c2"] for s in range(results["seeds"])
-           if "perception_c2" in results["runs"].get(f"uniform-s{s}", {})}
-    failed = [f"seed {s}: {e['error']}" for s, e in est.items() if "error" in e]
-    est = {s: e for s, e in est.items() if "factors" in e}
-    if not est and not failed:
+
+def _c2_table(results: dict) -> list[str]:
+    """Each seed's perception c² beside the authors' table and the diffusion formulation's."""
+    from genperc.diffusion.schedule import NoiseSchedule
+    from genperc.diffusion.timesteps import PRESETS as C_TABLES
+    from genperc.diffusion.timesteps import diffusion_contributions
+
+    estimates = {seed: results["runs"][f"uniform-s{seed}"]["perception_c2"] for seed in range(results["seeds"])
+                 if "perception_c2" in results["runs"].get(f"uniform-s{seed}", {})}
+    failed = [f"seed {seed}: {e['error']}" for seed, e in estimates.items() if "error" in e]
+    estimates = {seed: e for seed, e in estimates.items() if "factors" in e}
+    if not estimates and not failed:
         return []
     lines = ["## c_t² per bin (%, bin 9 = t ∈ [900, 1000) first)", "",
              "| source | " + " | ".join(f"bin {b}" for b in range(9, -1, -1)) + " | R² |", "|" + "---|" * 12]
-    for s, e in est.items():
-        f = e["factors"]
-        lines.append(f"| perception, uniform seed {s} | " + " | ".join(f"{100 * f[b]:.1f}" for b in range(9, -1, -1))
-                     + f" | {e['explained']:.2f} |")
+    lines += [_percent_row(f"perception, uniform seed {seed}", e["factors"], f"{e['explained']:.2f}")
+              for seed, e in estimates.items()]
     authors = C_TABLES.get(f"addp-{results['task']}")
     if authors is not None:
-        tot = float(sum(authors))
-        lines.append("| the authors' table | " + " | ".join(f"{100 * authors[b] / tot:.1f}" for b in range(9, -1, -1))
-                     + " | – |")
-    from genperc.diffusion.schedule import NoiseSchedule
-    from genperc.diffusion.timesteps import diffusion_contributions
-
-    cfg = load_config(base=results["config"])
-    d = diffusion_contributions(NoiseSchedule(cfg.diffusion), bins=10).tolist()
-    lines.append("| diffusion formulation | " + " | ".join(f"{100 * d[b]:.1f}" for b in range(9, -1, -1)) + " | – |")
-    return lines + [""] + [f"No perception c² estimate ({f}); that seed's prob-perception run is left out." for f in failed] + [""]
+        lines.append(_percent_row("the authors' table", authors))
+    schedule = NoiseSchedule(load_config(base=results["config"]).diffusion)
+    lines.append(_percent_row("diffusion formulation", diffusion_contributions(schedule, bins=10).tolist()))
+    return lines + [""] + [f"No perception c² estimate ({f}); that seed's prob-perception run is left out."
+                           for f in failed] + [""]
 
 
 def _time_table(results: dict) -> list[str]:
@@ -628,24 +643,24 @@ def plot_curves(results: dict, out: Path) -> list[Path]:
     run): the split-level main metric at every denoising step, mean ± std over seeds (Fig. 7)."""
     from genperc.evaluation.trajectory import plot_step_curves
 
-    m, seeds = results["main_metric"], results["seeds"]
+    metric, seeds = results["main_metric"], results["seeds"]
     best = results.get("best_strategy")
 
     def curves(names: dict[str, str]) -> dict:
-        cs = {}
-        for label, n in names.items():
-            runs = [results["runs"][f"{n}-s{k}"] for k in range(seeds) if f"{n}-s{k}" in results["runs"]]
+        found = {}
+        for label, name in names.items():
+            runs = [results["runs"][f"{name}-s{k}"] for k in range(seeds) if f"{name}-s{k}" in results["runs"]]
             if runs:
-                rows = [[s[m] for s in r["per_step"]] for r in runs]
-                cs[label] = (runs[0]["timesteps"], torch.tensor(rows, dtype=torch.float64))
-        return cs
+                rows = [[step[metric] for step in r["per_step"]] for r in runs]
+                found[label] = (runs[0]["timesteps"], torch.tensor(rows, dtype=torch.float64))
+        return found
 
     panels = {"timestep strategy": curves({STRATEGIES[n][2]: n for n in results.get("strategies", [])})}
     if best:
         panels["augmentation intensity"] = curves({f"{v:g}×": aug_name(best, v) for v in results.get("intensities", [])})
-    paths = [plot_step_curves(panels, out / "curves.png", ylabel=m)]
+    paths = [plot_step_curves(panels, out / "curves.png", ylabel=metric)]
     final = final_name(results)
     if final:
         paths.append(plot_step_curves({"before / after": curves({"uniform": "uniform", f"after: {final}": final})},
-                                      out / "before_after.png", ylabel=m))
+                                      out / "before_after.png", ylabel=metric))
     return paths
