@@ -13,7 +13,7 @@ from genperc.experiments import addp as A
 def _results(task, runs, seeds=2, strategies=A.TABLE5, intensities=(0.0, 1.0), best=None):
     main = "oIoU" if task == "referring" else "AbsRel"
     cfg = A.load_config("cpu-tiny" if task == "referring" else "cpu-depth")
-    out = {"task": task, "preset": "cpu", "seeds": seeds, "sizes": A.asdict(A.PRESETS[(task, "cpu")]),
+    out = {"task": task, "size": "cpu", "seeds": seeds, "size_spec": A.asdict(A.SIZES[(task, "cpu")]),
            "train_items": 100, "test_items": 10, "val_items": 10, "main_metric": main, "strategies": list(strategies),
            "intensities": list(intensities), "workers": 2, "threads": 1, "config": cfg.to_dict(), "machine": "test",
            "runs": {}}
@@ -68,43 +68,89 @@ def test_strategy_overrides():
     (dict(intensities="-1"), "≥ 0"),
     (dict(seeds=0), "--seeds 0"),
     (dict(task="classification"), "unknown task"),
-    (dict(preset="tpu"), "unknown preset"),
+    (dict(size="tpu"), "unknown experiment size 'tpu'"),
 ])
 def test_bad_arguments_are_named(tmp_path, kwargs, match):
     with pytest.raises(UserError, match=match):
         A.run_experiment(**{"out": tmp_path, **kwargs})
 
 
-TINY = A.Preset("cpu-depth", 32, {"train": 6, "val": 6, "test": 4}, steps=3, batch_size=2, eval_items=4,
+TINY = A.ExperimentSize("cpu-depth", 32, {"train": 6, "val": 6, "test": 4}, steps=3, batch_size=2, eval_items=4,
                 calib_items=6, workers=1, threads=0, overrides=["sample.steps=3", "train.warmup_steps=1"])
 
 
+def _row(markdown: str, heading: str, label: str) -> list[str]:
+    """The cells of the row ``label`` in the table under ``## heading…``."""
+    section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} under {heading!r}")
+
+
 def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
-    res = A.run_experiment("depth", "cpu", seeds=1, out=tmp_path, intensities="0,1", sizes=TINY, log=lambda m: None)
+    from genperc.diffusion.timesteps import load_contributions
+
+    res = A.run_experiment("depth", TINY, seeds=1, out=tmp_path, intensities="0,1", log=lambda m: None)
     runs = res["runs"]
-    assert {"uniform-s0", "loss-diffusion-s0", "prob-diffusion-s0"} <= set(runs)
+    assert set(runs) >= {"uniform-s0", "loss-diffusion-s0", "prob-diffusion-s0", "prob-perception-s0"}
+    # AbsRel differs between depth maps, so the uniform model's perception c² always exists and
+    # the prob-perception run trains on exactly that table
     est = runs["uniform-s0"]["perception_c2"]
-    if "path" in est:  # the estimate from the uniform model was used by prob-perception
-        assert "prob-perception-s0" in runs
-        assert runs["prob-perception-s0"]["contributions"] == est["path"]
-        assert abs(sum(est["factors"]) - 1) < 1e-9
-    else:
-        assert "prob-perception-s0" not in runs and "error" in est
+    assert runs["prob-perception-s0"]["contributions"] == est["path"]
+    per_timestep = load_contributions(est["path"], 1000)
+    assert torch.allclose(per_timestep[::100] * 100, torch.tensor(est["factors"], dtype=per_timestep.dtype), atol=1e-5)
     best = res["best_strategy"]
-    assert f"{best}-aug1-s0" in runs and runs[f"{best}-aug1-s0"]["augment"] == 1.0
+    assert runs[f"{best}-aug1-s0"]["augment"] == 1.0
     for r in runs.values():
         assert r["steps"] == 3 and len(r["per_step"]) == len(r["timesteps"]) == 3
-        assert r["summary"] == r["per_step"][-1] and r["summary"]["AbsRel"] >= 0
+        assert r["summary"] == r["per_step"][-1]
     assert runs["loss-diffusion-s0"]["timesteps_strategy"] == "loss-scaling"
     md = (tmp_path / "tables.md").read_text()
-    assert "## Table 5" in md and "## Fig. 8" in md and "## Fig. 7" in md and "AbsRel (%) ↓" in md
+    # one seed: each cell is that run's AbsRel in %, 2 digits (then δ1 in %, RMSE in m)
+    uniform = runs["uniform-s0"]["summary"]
+    assert _row(md, "Table 5", "uniform") == [f"{100 * uniform['AbsRel']:.2f}", f"{100 * uniform['delta1']:.1f}",
+                                              f"{uniform['RMSE']:.3f}"]
+    aug = runs[f"{best}-aug1-s0"]["summary"]["AbsRel"]
+    assert _row(md, "Fig. 8", "1×")[0] == f"{100 * aug:.2f}"
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "before_after.png").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"].keys() == runs.keys()
+    assert saved["runs"].keys() == runs.keys() and saved["size"] == "custom"
     # every run is reused: a second call trains and scores nothing
     monkeypatch.setattr(A, "run_job", lambda job: pytest.fail(f"re-ran {job['name']}"))
-    again = A.run_experiment("depth", "cpu", seeds=1, out=tmp_path, intensities="0,1", sizes=TINY, log=lambda m: None)
+    again = A.run_experiment("depth", TINY, seeds=1, out=tmp_path, intensities="0,1", log=lambda m: None)
     assert again["runs"].keys() == runs.keys()
+
+
+def _experiment(tmp_path, log):
+    cfg = A.load_config("cpu-depth")
+    return A.Experiment(tmp_path, cfg, [0, 1], [2, 3], {"runs": {}}, workers=1, threads=0, log=log)
+
+
+def test_prob_perception_follows_its_seeds_uniform_estimate(tmp_path):
+    messages = []
+    experiment = _experiment(tmp_path, messages.append)
+    names = ["uniform", "prob-perception"]
+    ok = {"name": "uniform", "seed": 2, "perception_c2": {"path": "/runs/uniform-s2/contributions/c.json"}}
+    [job] = A.perception_followup(experiment, "depth", names, ok)
+    assert job["name"] == "prob-perception" and job["seed"] == 2
+    assert job["config"]["train"]["contributions"] == "/runs/uniform-s2/contributions/c.json"
+    assert job["config"]["train"]["timesteps"] == "prob-scaling" and job["config"]["train"]["seed"] == 2
+    failed = {"name": "uniform", "seed": 1, "perception_c2": {"error": "nothing to explain"}}
+    assert A.perception_followup(experiment, "depth", names, failed) == []
+    assert messages == ["  no perception c² from uniform-s1 (nothing to explain): prob-perception-s1 is left out"]
+    assert A.perception_followup(experiment, "depth", ["uniform"], ok) == []  # not asked for
+    assert A.perception_followup(experiment, "depth", names, {**ok, "name": "prob-diffusion"}) == []
+
+
+def test_mean_and_sample_std_cells_by_hand():
+    from genperc.experiments.common import fmt_mean_std
+
+    # mean (0.1 + 0.2 + 0.4)/3 = 0.2333; deviations −0.1333, −0.0333, 0.1667: √(0.04667/2) = 0.1528
+    assert fmt_mean_std([0.1, 0.2, 0.4], 100, 1) == "23.3 ± 15.3"
+    assert fmt_mean_std([0.1, float("nan"), 0.3], 100, 2) == "20.00 ± 14.14"  # NaN left out; √0.02 = 0.1414
+    assert fmt_mean_std([0.0123], 100, 2) == "1.23" and fmt_mean_std([], 1, 1) == "–"
 
 
 def test_a_run_interrupted_after_its_checkpoint_resumes(tmp_path):
@@ -124,7 +170,7 @@ def test_a_run_interrupted_after_its_checkpoint_resumes(tmp_path):
     job["calibrate"], job["calib_indices"] = True, [0, 1, 2, 3, 4, 5]
     r2 = A.run_job(job)
     assert "perception_c2" in r2 and r2["summary"] == r["summary"]
-    assert ("factors" in r2["perception_c2"]) != ("error" in r2["perception_c2"])
+    assert abs(sum(r2["perception_c2"]["factors"]) - 1) < 1e-9  # AbsRel varies: the estimate exists
 
 
 def test_plot_step_curves(tmp_path):
@@ -139,24 +185,37 @@ def test_plot_step_curves(tmp_path):
 @pytest.mark.slow
 def test_referring_experiment_in_two_worker_processes(tmp_path, monkeypatch):
     """The referring runs (MiniLM text, InstructPix2Pix guidance) in a pool of two spawned workers."""
-    tiny = A.Preset("demo", 32, {"train": 6, "val": 3, "test": 3}, steps=2, batch_size=2, eval_items=6,
+    tiny = A.ExperimentSize("demo", 32, {"train": 6, "val": 3, "test": 3}, steps=2, batch_size=2, eval_items=6,
                     calib_items=6, workers=2, threads=1, overrides=["sample.steps=2", "train.warmup_steps=1"])
-    res = A.run_experiment("referring", "cpu", seeds=1, out=tmp_path, strategies="uniform,prob-authors",
-                           intensities="0,0.5", sizes=tiny, log=lambda m: None)
+    res = A.run_experiment("referring", tiny, seeds=1, out=tmp_path, strategies="uniform,prob-authors",
+                           intensities="0,0.5", log=lambda m: None)
     assert {"uniform-s0", "prob-authors-s0"} <= set(res["runs"]) and res["workers"] == 2
     assert res["runs"]["prob-authors-s0"]["contributions"] == "addp-referring"
     assert all(r["threads"] == 1 and 0 <= r["summary"]["oIoU"] <= 1 for r in res["runs"].values())
-    assert "RefCOCO val oIoU" in (tmp_path / "tables.md").read_text()
+    assert _row((tmp_path / "tables.md").read_text(), "Table 5", "uniform")[-1] == "56.42"  # the paper's column
     assert any(k.endswith("/oIoU") for k in res["runs"]["uniform-s0"]["summary"])  # per expression family
 
 
-@pytest.mark.parametrize("key", sorted(A.PRESETS))
-def test_every_preset_resolves_to_a_valid_config(key, tmp_path):
-    task, preset = key
-    p = A.preset_for(task, preset)
+@pytest.mark.parametrize("key", sorted(A.SIZES))
+def test_every_size_resolves_to_a_valid_config(key, tmp_path):
+    task, size = key
+    p = A.size_for(task, size)
     cfg = A.base_config(task, p, tmp_path, [])
     assert cfg.task == task and cfg.model.sample_size == cfg.data.resolution == p.resolution
     assert cfg.train.steps == p.steps and cfg.train.batch_size == p.batch_size and cfg.train.augment == 0
     assert cfg.diffusion.prediction_type == "x0"  # the paper's recommendation with augmentation
     per_scene = 1 if task == "depth" else 4  # items per scene: one depth map, several expressions
     assert p.eval_items <= p.scenes["test"] * per_scene and p.calib_items <= p.scenes["val"] * per_scene
+
+
+def test_c2_table_rows_by_hand():
+    runs = {("uniform", 0): 0.1}
+    results = _results("referring", runs, seeds=1, strategies=("uniform",), best="uniform")
+    factors = [0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2]  # bin 0 … bin 9
+    results["runs"]["uniform-s0"]["perception_c2"] = {"factors": factors, "explained": 0.456}
+    md = A.render_tables(results)
+    # noisiest bin first, in %; R² with two digits
+    assert _row(md, "c_t²", "perception, uniform seed 0") == ["20.0"] + ["10.0"] * 7 + ["5.0", "5.0", "0.46"]
+    # the authors' referring table [1, 1, 1, 1, 1, 1, 1, 2, 4, 95] of sum 108: 95/108 = 88.0 %, 4/108 = 3.7 %,
+    # 2/108 = 1.9 %, 1/108 = 0.9 %
+    assert _row(md, "c_t²", "the authors' table") == ["88.0", "3.7", "1.9"] + ["0.9"] * 7 + ["–"]

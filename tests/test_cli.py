@@ -12,6 +12,14 @@ def test_help(argv, capsys):
     assert "Usage" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("experiment", ["addp", "genrep"])
+def test_experiments_take_a_size_not_a_preset(experiment, capsys):
+    """Experiment sizes are --size cpu|gpu; "preset" means only a YAML run config."""
+    assert main(["experiment", experiment, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--size" in out and "--preset" not in out
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -23,6 +31,7 @@ def test_help(argv, capsys):
         (["data", "show", "/no/such/dir", "--out", "x.png"], "/no/such/dir"),
         (["experiment", "addp", "--task", "pose"], "unknown task 'pose'"),
         (["experiment", "addp", "--strategies", "uniform,best"], "unknown strategy 'best'"),
+        (["experiment", "addp", "--size", "tpu"], "unknown experiment size 'tpu'"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(argv, needle, capsys):

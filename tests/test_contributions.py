@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,61 @@ def test_c_json_round_trip_and_plot(tmp_path):
     assert torch.allclose(c, res.per_timestep(), atol=1e-8)
     png = plot_contributions(res, tmp_path / "c.png", compare={"addp-referring": [1, 1, 1, 1, 1, 1, 1, 2, 4, 95]})
     assert png.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# against numpy.linalg.lstsq: the cumulative multiple regression written from its definition
+
+
+def _lstsq_r2(X: np.ndarray, y: np.ndarray) -> float:
+    """R² of the least-squares fit of y on [1, X] (with intercept): 1 − SS_res / SS_tot."""
+    A = np.column_stack([np.ones(len(y)), X]) if X.size else np.ones((len(y), 1))
+    beta = np.linalg.lstsq(A, y, rcond=None)[0]
+    residual = y - A @ beta
+    return 1.0 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum())
+
+
+def _correlated_steps(n: int, steps: int, rho: float, seed: int) -> np.ndarray:
+    """Per-step metrics of n samples as an AR(1) chain over denoising steps, m_j = ρ·m_{j−1} + e_j,
+    plus per-step measurement noise: neighbouring steps are strongly correlated, every step adds
+    a little information about the final one."""
+    rng = np.random.default_rng(seed)
+    chain = [rng.standard_normal(n)]
+    for _ in range(steps - 1):
+        chain.append(rho * chain[-1] + np.sqrt(1 - rho ** 2) * rng.standard_normal(n))
+    return np.stack([c + 0.3 * rng.standard_normal(n) for c in chain[:-1]] + [chain[-1]], 1)
+
+
+@pytest.mark.parametrize("rho, seed", [(0.9, 0), (0.6, 1), (0.97, 2)])
+def test_cumulative_r2_matches_numpy_lstsq_on_correlated_steps(rho, seed):
+    metrics = _correlated_steps(300, 10, rho, seed)
+    res = perception_contributions(torch.from_numpy(metrics), TS, floor=0)
+    y = metrics[:, -1]
+    # bins 9 (t = 950, the first step) … 1 join one at a time; the final column (bin 0) is the response
+    expected = {}
+    for b in range(9, 0, -1):
+        expected[b] = _lstsq_r2(metrics[:, : 10 - b], y)
+    for b in range(9, 0, -1):
+        assert float(res.r2[b]) == pytest.approx(expected[b], abs=1e-9)
+    assert float(res.r2[0]) == pytest.approx(expected[1], abs=1e-9)  # bin 0 adds no regressor
+    # c_t² = R²_t − R²_{t+1} (c_T² = R²_T), non-negative, normalised by the full R²
+    increments = [expected[9]] + [expected[b] - expected[b + 1] for b in range(8, 0, -1)]
+    assert all(v >= -1e-12 for v in increments)
+    assert torch.allclose(res.increments[1:].flip(0), torch.tensor(increments, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(res.factors[1:].flip(0), torch.tensor(increments, dtype=torch.float64) / expected[1],
+                          atol=1e-9)
+    assert res.explained == pytest.approx(expected[1], abs=1e-9)
+
+
+def test_bin_means_match_numpy_lstsq_with_several_steps_per_bin():
+    metrics = _correlated_steps(200, 20, 0.85, 3)  # two steps per bin
+    ts = [975 - 50 * j for j in range(20)]
+    res = perception_contributions(torch.from_numpy(metrics), ts, floor=0, within_bin="mean")
+    y = metrics[:, -1]
+    regressors = []
+    for b in range(9, -1, -1):
+        cols = [j for j in range(19) if ts[j] // 100 == b]  # the final column is the response only
+        regressors.append(metrics[:, cols].mean(1))
+        assert float(res.r2[b]) == pytest.approx(_lstsq_r2(np.stack(regressors, 1), y), abs=1e-9)
+    everything = perception_contributions(torch.from_numpy(metrics), ts, floor=0, within_bin="all")
+    assert everything.explained == pytest.approx(_lstsq_r2(metrics[:, :19], y), abs=1e-9)

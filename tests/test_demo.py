@@ -36,6 +36,17 @@ def test_trivial_baselines_score_the_same_items(val):
     res = trivial_baselines(val, task, limit=40)
     assert res["empty mask"]["oIoU"] == 0 and res["empty mask"]["n"] == 40
     named = res["named shape"]
+    # by hand: oIoU = Σ|P∧G| / Σ|P∨G| and mIoU = mean |P∧G|/|P∨G| of the head-noun masks
+    inter, union = [], []
+    for i in range(40):
+        item = val[i]
+        record = val.source[item["meta"]["record_index"]]
+        pred = head_noun_mask(record, item["text"], plan_resize(record.image.shape[:2], 32))[0, 0].bool()
+        gt = item["mask"][0].bool()
+        inter.append(float((pred & gt).sum()))
+        union.append(float((pred | gt).sum()))
+    assert named["oIoU"] == pytest.approx(sum(inter) / sum(union))
+    assert named["mIoU"] == pytest.approx(sum(a / b if b else 0.0 for a, b in zip(inter, union, strict=True)) / 40)
     assert 0 < named["oIoU"] < 1 and named["n"] == 40
     assert {"attribute/oIoU", "relation/oIoU", "ordinal/oIoU"} <= set(named)
     picks = pick_examples(val, 3)

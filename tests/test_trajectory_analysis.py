@@ -130,6 +130,23 @@ def test_cli_augment_figure(tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_augmentation_grid_columns_share_one_seed(dataset):
+    """Column k is x0' at timesteps[k] drawn with a fresh generator of the same seed; t = 0 is the
+    clean target."""
+    from genperc.analyze import augmentation_grid
+    from genperc.tasks.augment import referring_augment
+
+    task = ReferringTask()
+    task.augment_intensity, task.num_train_timesteps = 1.0, 1000
+    batch = task.prepare(collate([dataset[i] for i in range(3)]))
+    grid = augmentation_grid(task, batch, [0, 400, 999], seed=7)
+    assert torch.equal(grid[0], batch.x0)
+    for k, t in enumerate([400, 999], start=1):
+        expected = referring_augment(batch.image, batch.extras["mask"], torch.full((3,), t), 1000, 1.0,
+                                     torch.Generator().manual_seed(7))
+        assert torch.equal(grid[k], expected)
+
+
 def _fake_run(tmp_path):
     """A run directory as `genperc train` leaves it, with an untrained tiny model (no text encoder)."""
     from genperc import build

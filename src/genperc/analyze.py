@@ -6,18 +6,22 @@ pictures of the diffusion-tailored augmentation. Thin: parse, call the library, 
 * ``contributions``    → ``c.json`` + bar plot from such a CSV, or from a run directly
   (:mod:`genperc.evaluation.contributions`; ADDP §3.1). Train with it:
   ``train.timesteps=prob-scaling train.contributions=PATH/c.json``.
-* ``augment``          → a grid of augmented targets at several t (:mod:`genperc.tasks.augment`;
-  ADDP Fig. 4)
+* ``augment``          → a grid of augmented targets at several t (the kernels are in
+  :mod:`genperc.tasks.augment`, the figure here: :func:`augmentation_figure`; ADDP Fig. 4)
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from genperc.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 app = typer.Typer(help="ADDP analyses: per-step perception curves, contribution factors c_t², augmentation figures.",
                   no_args_is_help=True, add_completion=False)
@@ -167,12 +171,89 @@ def augment(
     seed: int = typer.Option(0, help="Seed (the same draws in every column, scaled by t)."),
 ):
     """A grid of diffusion-tailored augmentations of the targets at several t (ADDP Fig. 4)."""
-    from genperc.tasks.augment import augmentation_figure
-
     try:
         ts = [int(v) for v in timesteps.split(",") if v.strip()]
     except ValueError as e:
         raise UserError(f"--timesteps {timesteps!r} is not a comma-separated list of integers", "e.g. 0,500,999") from e
-    p = augmentation_figure(task, out, source=source, path=path, split=split, resolution=resolution,
+    figure = augmentation_figure(task, out, source=source, path=path, split=split, resolution=resolution,
                             samples=samples, timesteps=ts, intensity=intensity, T=num_train_timesteps, seed=seed)
-    typer.echo(f"wrote {p}")
+    typer.echo(f"wrote {figure}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the augmentation figure (ADDP Fig. 4)
+
+
+def augmentation_grid(task, batch, timesteps, seed: int = 0) -> Tensor:
+    """[K, B, C, H, W]: the task batch's target augmented (``task.augment``) at each of the K
+    ``timesteps``, every column with the same seed (the same random directions, scaled by t)."""
+    import torch
+
+    out = []
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(seed)
+        t_batch = torch.full((batch.x0.shape[0],), int(t), dtype=torch.long)
+        out.append(task.augment(batch, t_batch, generator).detach().float().cpu())
+    return torch.stack(out)
+
+
+def _display(image: Tensor):
+    """[C, H, W] in [−1, 1] → an array for imshow and its colormap (RGB, or viridis for one channel
+    or replicated channels such as a depth target)."""
+    import torch
+
+    image = ((image.float() + 1) / 2).clamp(0, 1)
+    if image.shape[0] == 3 and not (torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])):
+        return image.permute(1, 2, 0).numpy(), None
+    return image.mean(0).numpy(), "viridis"
+
+
+def _figure_batch(task, source: str, path, split: str, resolution: int, samples: int):
+    """The first ``samples`` items of the split as a prepared task batch."""
+    from genperc.config import DataConfig
+    from genperc.data.datasets import collate
+    from genperc.data.sources import open_scene_source
+
+    scenes = open_scene_source(DataConfig(source=source, path=str(path) if path else None, resolution=resolution),
+                               split)
+    dataset = task.dataset(scenes, resolution)
+    count = min(samples, len(dataset))
+    if count == 0:
+        raise UserError(f"the {split} split of {source} is empty", "check --source / --path / --split")
+    return task.prepare(collate([dataset[i] for i in range(count)]))
+
+
+def augmentation_figure(task_name: str, out, *, source: str = "toy", path=None, split: str = "val",
+                        resolution: int = 64, samples: int = 4, timesteps=(0, 250, 500, 750, 999),
+                        intensity: float = 1.0, T: int = 1000, seed: int = 0) -> Path:
+    """Save a grid (rows = samples, columns = clean target then x0' at each t) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genperc.images import save_figure
+    from genperc.tasks import create_task
+
+    if samples < 1:
+        raise UserError(f"samples must be ≥ 1, got {samples}", "use e.g. --samples 4")
+    if not timesteps or any(not 0 <= int(t) < T for t in timesteps):
+        raise UserError(f"timesteps must lie in [0, {T}), got {list(timesteps)}", "e.g. --timesteps 0,500,999")
+    task = create_task(task_name)
+    task.augment_intensity = float(intensity)
+    task.num_train_timesteps = int(T)
+    batch = _figure_batch(task, source, path, split, resolution, samples)
+    grid = augmentation_grid(task, batch, timesteps, seed)
+    rows, cols = batch.x0.shape[0], len(timesteps) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.4), dpi=120, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            image, cmap = _display(batch.x0[r].cpu() if c == 0 else grid[c - 1, r])
+            ax = axes[r][c]
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("clean x0" if c == 0 else f"t={int(timesteps[c - 1])}", fontsize=8)
+    fig.suptitle(f"ADDP diffusion-tailored augmentation: {task_name}, intensity {intensity:g}", fontsize=9)
+    return save_figure(fig, out)

@@ -39,7 +39,7 @@ def _mount_subapps() -> None:
     app.add_typer(analyze_app, name="analyze", help="ADDP analyses: per-step curves, contribution factors c_t², augmentation figures.")
     from genperc.experiments import app as experiment_app
 
-    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (GenRep, …).")
+    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep).")
 
 
 OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.preset=unet-small"
@@ -93,15 +93,15 @@ def eval_(
 
     run = load_run(run_dir, weights=weights, overrides=list(overrides or []))
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
-    res = evaluate_run(run, split, steps=steps, sampler=sampler, ensemble=ensemble, limit=limit, seed=seed,
-                       batch_size=batch_size, text_scale=text_scale, image_scale=image_scale, out=out,
-                       progress=True)
-    s = res.settings
-    typer.echo(f"{run.task.name} on {split} ({s['items']} items, {s['sampler']} {s['steps']} steps, "
-               f"ensemble {s['ensemble']}, {s['seconds']:.0f} s):")
-    for k, v in res.summary.items():
-        typer.echo(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
-    typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in s["task_settings"].items()))
+    evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, ensemble=ensemble, limit=limit, seed=seed,
+                              batch_size=batch_size, text_scale=text_scale, image_scale=image_scale, out=out,
+                              progress=True)
+    settings = evaluation.settings
+    typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {settings['sampler']} {settings['steps']} "
+               f"steps, ensemble {settings['ensemble']}, {settings['seconds']:.0f} s):")
+    for name, value in evaluation.summary.items():
+        typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
+    typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
 
 
@@ -124,8 +124,8 @@ def predict(
     paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble)
     for note in notes:
         typer.echo(f"note: {note}")
-    for p in paths:
-        typer.echo(f"wrote {p}")
+    for path in paths:
+        typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -66,22 +66,24 @@ def trivial_baselines(dataset, task, limit: int | None = None) -> dict[str, dict
     """Score the empty mask and the named-shape mask on the first ``limit`` items of ``dataset``."""
     from genperc.data.transforms import plan_resize
 
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    per: dict[str, dict[str, list]] = {"empty mask": {}, "named shape": {}}
-    for i in range(n):
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    per_sample: dict[str, dict[str, list]] = {"empty mask": {}, "named shape": {}}
+    for i in range(count):
         item = dataset[i]
-        rec = dataset.source[item["meta"]["record_index"]]
-        plan = plan_resize(rec.image.shape[:2], dataset.resolution, dataset.fit)
+        record = dataset.source[item["meta"]["record_index"]]
+        plan = plan_resize(record.image.shape[:2], dataset.resolution, dataset.fit)
         batch = {"mask": item["mask"][None], "family": [item["family"]]}
-        preds = {"empty mask": torch.zeros_like(batch["mask"]), "named shape": head_noun_mask(rec, item["text"], plan)}
-        for name, pred in preds.items():
-            for k, v in task.metrics(pred, batch).items():
-                if isinstance(v, torch.Tensor):
-                    per[name].setdefault(k, []).append(v)
+        predictions = {"empty mask": torch.zeros_like(batch["mask"]),
+                       "named shape": head_noun_mask(record, item["text"], plan)}
+        for name, prediction in predictions.items():
+            for key, value in task.metrics(prediction, batch).items():
+                if isinstance(value, torch.Tensor):
+                    per_sample[name].setdefault(key, []).append(value)
                 else:
-                    per[name].setdefault(k, []).extend(v)
-    return {name: task.summarize({k: torch.cat(v) if isinstance(v[0], torch.Tensor) else v for k, v in d.items()})
-            for name, d in per.items()}
+                    per_sample[name].setdefault(key, []).extend(value)
+    return {name: task.summarize({key: torch.cat(values) if isinstance(values[0], torch.Tensor) else values
+                                  for key, values in scores.items()})
+            for name, scores in per_sample.items()}
 
 
 def pick_examples(dataset, k: int) -> list[int]:
@@ -156,8 +158,8 @@ def fit_steps_to_budget(trainer, seconds: float, probe: int = 3) -> tuple[int, i
 def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: list[str] | None = None,
              train_scenes: int = 2000, val_scenes: int = 12, eval_limit: int | None = 240, examples: int = 9,
              workers: int = 2, seed: int = 0) -> dict:
-    from genperc import images as V
     from genperc.data.sources import open_scene_source
+    from genperc.images import overlay_mask, resize_mask, save_rgb, upscale
     from genperc.inference import evaluate_run, load_run, machine_info, predict_files
     from genperc.training.trainer import Trainer
 
@@ -215,13 +217,13 @@ def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: l
         item = val[i]
         rec = val.source[item["meta"]["record_index"]]
         stem = f"{k:02d}"
-        image_path = V.save_rgb(rec.image, pred_dir / f"{stem}_input.png")
+        image_path = save_rgb(rec.image, pred_dir / f"{stem}_input.png")
         predict_files(run, image_path, pred_dir, item["text"], seed=seed, stem=stem)
         pred_mask = torch.from_numpy(np.asarray(Image.open(pred_dir / f"{stem}_mask.png")) > 127)
         gt = item["mask"][0]
-        pred_small = V.resize_mask(pred_mask, gt.shape)
+        pred_small = resize_mask(pred_mask, gt.shape)
         inter, union = float((pred_small & gt).sum()), float((pred_small | gt).sum())
-        V.save_rgb(V.upscale(V.overlay_mask(rec.image, gt), 256), pred_dir / f"{stem}_truth.png")
+        save_rgb(upscale(overlay_mask(rec.image, gt), 256), pred_dir / f"{stem}_truth.png")
         cards.append({"stem": stem, "text": item["text"], "family": item["family"],
                       "iou": inter / union if union else 0.0})
     timings["predict_s"] = time.perf_counter() - t0

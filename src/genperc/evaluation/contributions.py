@@ -175,7 +175,7 @@ def _apply_floor(f: Tensor, floor: float) -> Tensor:
 
 
 def perception_contributions(
-    M,
+    metric_matrix,
     timesteps=None,
     *,
     bins: int = 10,
@@ -188,23 +188,57 @@ def perception_contributions(
 ) -> ContributionResult:
     """The iterative cumulative-R² estimate of c_t² (module doc) from an N×S metric matrix.
 
-    ``M``: [N, S] per-sample metric, columns in denoising order (the last column is the final
-    prediction). ``timesteps``: [S] the timestep of each column; default: S evenly spread steps,
-    column j at t = ⌊(S − j − ½)·T/S⌋. Columns are sorted by decreasing t (the final step is the
-    lowest t). Returns a :class:`ContributionResult`.
+    ``metric_matrix``: [N, S] per-sample metric, columns in denoising order (the last column is the
+    final prediction). ``timesteps``: [S] the timestep of each column; default: S evenly spread
+    steps, column j at t = ⌊(S − j − ½)·T/S⌋. Columns are sorted by decreasing t (the final step is
+    the lowest t). Returns a :class:`ContributionResult`.
     """
+    _check_options(within_bin, final, bins, T, floor)
+    ts, matrix = _columns_in_denoising_order(metric_matrix, timesteps, T)
+    matrix, dropped, y = _finite_rows_and_response(matrix)
+    col_bins = timestep_bins(ts, bins, T)
+    # the final step is the response, never a regressor (module doc)
+    per_bin = [[j for j in range(matrix.shape[1] - 1) if int(col_bins[j]) == b] for b in range(bins)]
+    notes = [f"{dropped} samples with non-finite metrics were dropped"] if dropped else []
+    r2, increments, explained = _cumulative_r2(matrix, y, per_bin, within_bin, adjusted, rcond, notes)
+    if final == "residual":
+        final_bin = int(col_bins[-1])
+        increments[final_bin] += 1.0 - explained
+        r2[: final_bin + 1] = 1.0
+        explained = 1.0
+    total = float(increments.sum())
+    if total <= 0:
+        notes.append("no step explains the final metric (R² = 0): uniform factors")
+        factors = torch.full((bins,), 1.0 / bins, dtype=torch.float64)
+    else:
+        factors = increments / total
+    if floor > 0:
+        factors = _apply_floor(factors, floor)
+    return ContributionResult(
+        factors=factors, increments=increments, r2=r2, explained=float(explained), T=T, n_samples=matrix.shape[0],
+        dropped_samples=dropped, columns_per_bin=[len(c) for c in per_bin], timesteps=[int(v) for v in ts],
+        options={"within_bin": within_bin, "final": final, "floor": floor, "adjusted": adjusted, "rcond": rcond},
+        notes=notes,
+    )
+
+
+def _check_options(within_bin: str, final: str, bins: int, T: int, floor: float) -> None:
     if within_bin not in WITHIN_BIN:
         raise UserError(f"within_bin={within_bin!r} is not valid", f"use one of: {', '.join(WITHIN_BIN)}")
     if final not in FINAL:
         raise UserError(f"final={final!r} is not valid", f"use one of: {', '.join(FINAL)}")
-    M = torch.as_tensor(M, dtype=torch.float64)
-    if M.ndim != 2 or M.shape[1] < 2:
-        raise UserError(f"the metric matrix must be N×S with S ≥ 2 steps, got shape {tuple(M.shape)}",
-                        "pass rows = samples, columns = denoising steps")
-    S = M.shape[1]
     bin_edges(bins, T)  # validates bins against T
     if not 0 <= floor <= 1.0 / bins:
         raise UserError(f"floor={floor} must be in [0, 1/bins = {1 / bins:.4g}]", "use e.g. 0.01 or 0")
+
+
+def _columns_in_denoising_order(metric_matrix, timesteps, T: int) -> tuple[Tensor, Tensor]:
+    """The columns' timesteps [S] and the float64 matrix [N, S], sorted by decreasing t."""
+    matrix = torch.as_tensor(metric_matrix, dtype=torch.float64)
+    if matrix.ndim != 2 or matrix.shape[1] < 2:
+        raise UserError(f"the metric matrix must be N×S with S ≥ 2 steps, got shape {tuple(matrix.shape)}",
+                        "pass rows = samples, columns = denoising steps")
+    S = matrix.shape[1]
     if timesteps is None:
         ts = torch.tensor([int((S - j - 0.5) * T / S) for j in range(S)], dtype=torch.long)
     else:
@@ -215,78 +249,62 @@ def perception_contributions(
             raise UserError(f"timesteps must lie in [0, {T}), got {ts.min().item()}…{ts.max().item()}",
                             "pass the schedule's num_train_timesteps as T")
     order = torch.argsort(-ts, stable=True)
-    ts, M = ts[order], M[:, order]
+    return ts[order], matrix[:, order]
 
-    finite = torch.isfinite(M).all(1)
+
+def _finite_rows_and_response(matrix: Tensor) -> tuple[Tensor, int, Tensor]:
+    """The rows without non-finite values, how many were dropped, and the centred unit-norm
+    final metric y."""
+    finite = torch.isfinite(matrix).all(1)
     dropped = int((~finite).sum())
-    M = M[finite]
-    N = M.shape[0]
+    matrix = matrix[finite]
+    N = matrix.shape[0]
     if N < 3:
         raise UserError(f"only {N} samples with finite metrics at every step", "analyse at least 3 (better ≥ 50) samples")
-    y = M[:, -1] - M[:, -1].mean()
-    if float(y.abs().max()) <= 1e-12 * max(1.0, float(M[:, -1].abs().max())):
-        raise UserError(f"the final metric is the same for all {N} samples ({float(M[0, -1]):.4g}): nothing to explain",
+    y = matrix[:, -1] - matrix[:, -1].mean()
+    if float(y.abs().max()) <= 1e-12 * max(1.0, float(matrix[:, -1].abs().max())):
+        raise UserError(f"the final metric is the same for all {N} samples ({float(matrix[0, -1]):.4g}): nothing to explain",
                         "use more varied samples or a better-trained model")
-    y = y / y.norm()
+    return matrix, dropped, y / y.norm()
 
-    col_bins = timestep_bins(ts, bins, T)
-    regressor_cols = list(range(S - 1))  # the final step is the response (module doc)
-    per_bin: list[list[int]] = [[j for j in regressor_cols if int(col_bins[j]) == b] for b in range(bins)]
 
-    notes: list[str] = []
-    if dropped:
-        notes.append(f"{dropped} samples with non-finite metrics were dropped")
-    proj = _Projection(y, rcond)
+def _bin_regressors(matrix: Tensor, cols: list[int], within_bin: str) -> list[Tensor]:
+    if within_bin == "mean":
+        return [matrix[:, cols].mean(1)]
+    if within_bin == "last":
+        return [matrix[:, cols[-1]]]
+    return [matrix[:, j] for j in cols]
+
+
+def _cumulative_r2(matrix: Tensor, y: Tensor, per_bin: list[list[int]], within_bin: str, adjusted: bool,
+                   rcond: float, notes: list[str]) -> tuple[Tensor, Tensor, float]:
+    """(R²)_b once bins n−1 … b are in the regression, its increments, and the full R²; the bins
+    join from the noisiest. Appends to ``notes`` where R² saturates or adjusted R² is undefined."""
+    bins, N = len(per_bin), matrix.shape[0]
+    projection = _Projection(y, rcond)
     r2 = torch.zeros(bins, dtype=torch.float64)
-    inc = torch.zeros(bins, dtype=torch.float64)
-    prev, rank, undefined = 0.0, 0, False
+    increments = torch.zeros(bins, dtype=torch.float64)
+    prev, undefined = 0.0, False
     for b in range(bins - 1, -1, -1):  # noisiest bin first
-        cols = per_bin[b]
-        if cols and not undefined:
-            if within_bin == "mean":
-                new = [M[:, cols].mean(1)]
-            elif within_bin == "last":
-                new = [M[:, cols[-1]]]
-            else:
-                new = [M[:, j] for j in cols]
-            for c in new:
-                value = proj.add(_standardise(c))
-            rank = proj.rank
-            if adjusted:
-                if N - rank - 1 <= 0:
-                    undefined = True
-                    notes.append(f"adjusted R² undefined from bin {b} on (rank {rank} ≥ N−1 = {N - 1}); "
-                                 "later bins get no credit")
-                    value = prev
-                else:
-                    value = 1 - (1 - value) * (N - 1) / (N - rank - 1)
+        if per_bin[b] and not undefined:
+            for column in _bin_regressors(matrix, per_bin[b], within_bin):
+                value = projection.add(_standardise(column))
+            rank = projection.rank
+            if adjusted and N - rank - 1 <= 0:
+                undefined = True
+                notes.append(f"adjusted R² undefined from bin {b} on (rank {rank} ≥ N−1 = {N - 1}); "
+                             "later bins get no credit")
+                value = prev
+            elif adjusted:
+                value = 1 - (1 - value) * (N - 1) / (N - rank - 1)
             value = min(max(value, prev), 1.0)  # monotone: adding regressors never lowers R²
-            inc[b] = value - prev
+            increments[b] = value - prev
             prev = value
         r2[b] = prev
-    if not adjusted and rank >= N - 1:
-        notes.append(f"{rank} independent regressors for {N} samples: R² saturates (over-fitting); "
+    if not adjusted and projection.rank >= N - 1:
+        notes.append(f"{projection.rank} independent regressors for {N} samples: R² saturates (over-fitting); "
                      "use more samples, fewer bins or adjusted=True")
-    explained = prev
-    if final == "residual":
-        fb = int(col_bins[-1])
-        inc[fb] += 1.0 - explained
-        r2[: fb + 1] = 1.0
-        explained = 1.0
-    total = float(inc.sum())
-    if total <= 0:
-        notes.append("no step explains the final metric (R² = 0): uniform factors")
-        f = torch.full((bins,), 1.0 / bins, dtype=torch.float64)
-    else:
-        f = inc / total
-    if floor > 0:
-        f = _apply_floor(f, floor)
-    return ContributionResult(
-        factors=f, increments=inc, r2=r2, explained=float(explained), T=T, n_samples=N,
-        dropped_samples=dropped, columns_per_bin=[len(c) for c in per_bin], timesteps=[int(v) for v in ts],
-        options={"within_bin": within_bin, "final": final, "floor": floor, "adjusted": adjusted, "rcond": rcond},
-        notes=notes,
-    )
+    return r2, increments, prev
 
 
 def write_contributions(result: ContributionResult, path, source: str = "", metric: str = "") -> Path:

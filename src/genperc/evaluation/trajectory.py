@@ -93,14 +93,14 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
     from genperc.evaluation.evaluate import make_guidance
     from genperc.models.conditioning import make_conditioning, null_conditioning
 
-    n = len(dataset) if samples is None else min(int(samples), len(dataset))
-    if n < 1:
+    count = len(dataset) if samples is None else min(int(samples), len(dataset))
+    if count < 1:
         raise UserError("no samples to analyse", "pass --samples ≥ 1 and a non-empty split")
     num_steps = int(steps if steps is not None else sample_cfg.steps)
     if hasattr(model, "eval"):
         model.eval()
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size or sample_cfg.batch_size,
-                        shuffle=False, collate_fn=collate)
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(count)),
+                        batch_size=batch_size or sample_cfg.batch_size, shuffle=False, collate_fn=collate)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     guidance = make_guidance(task, sample_cfg.text_scale, sample_cfg.image_scale)
     null = null_conditioning(text_encoder, device)
@@ -114,20 +114,20 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
 
         iterator = tqdm(loader, desc="trajectory", unit="batch")
     for batch in iterator:
-        tb = task.prepare(batch)
-        cond = make_conditioning(tb, text_encoder, space, device)
-        noise = torch.randn(space.latent_shape(tb.x0.shape), generator=generator).to(device)
+        task_batch = task.prepare(batch)
+        cond = make_conditioning(task_batch, text_encoder, space, device)
+        noise = torch.randn(space.latent_shape(task_batch.x0.shape), generator=generator).to(device)
         per_step: list[dict[str, Tensor]] = []
         seen: list[int] = []
 
         def score(step, batch=batch, per_step=per_step, seen=seen):
             x0 = space.decode(step.pred_x0).clamp(-1, 1).cpu()
-            m = task.metrics(task.decode(x0, batch), batch)
+            step_scores = task.metrics(task.decode(x0, batch), batch)
             if not per_step:  # lists do not change with the step: keep them once
-                for k, v in m.items():
+                for k, v in step_scores.items():
                     if isinstance(v, list):
                         labels.setdefault(k, []).extend(v)
-            per_step.append({k: v.detach().float().cpu() for k, v in m.items()
+            per_step.append({k: v.detach().float().cpu() for k, v in step_scores.items()
                              if isinstance(v, Tensor) and v.ndim == 1})  # lists (e.g. family) are not per-step
             seen.append(step.timestep)
 
@@ -137,11 +137,11 @@ def step_metrics(model, task, dataset, *, schedule, space, text_encoder, sample_
             timesteps = seen
         for k in per_step[0]:
             rows.setdefault(k, []).append(torch.stack([s[k] for s in per_step], 1))  # [B, S]
-        idx = batch.get("index")
-        if isinstance(idx, Tensor):
-            indices.extend(int(i) for i in idx.flatten())
+        batch_indices = batch.get("index")
+        if isinstance(batch_indices, Tensor):
+            indices.extend(int(i) for i in batch_indices.flatten())
         else:
-            indices.extend(range(len(indices), len(indices) + tb.x0.shape[0]))
+            indices.extend(range(len(indices), len(indices) + task_batch.x0.shape[0]))
     values = {k: torch.cat(v, 0) for k, v in rows.items()}
     key = per_sample_metric_key(task, values, metric)
     return StepMetrics(torch.tensor(timesteps, dtype=torch.long), values, key, [int(i) for i in indices], labels)

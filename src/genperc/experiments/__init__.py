@@ -23,9 +23,9 @@ def _threads(n: int) -> None:
 @app.command("genrep")
 def genrep_command(
     dataset: str = typer.Option("digits", help="digits (scikit-learn) or world (single-object shapes scenes)."),
-    preset: str = typer.Option("cpu", help="cpu (minutes, 16 px digits / 32 px world) or gpu."),
+    size: str = typer.Option("cpu", help="Experiment size: cpu (minutes, 16 px digits / 32 px world) or gpu."),
     seeds: int = typer.Option(3, help="Training seeds per variant (mean ± std)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/genrep-<dataset>-<preset>)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/genrep-<dataset>-<size>)."),
     tables: str = typer.Option("8,9,10,11,13,14", help="Which tables: any of 8,9,10,11,13,14."),
     world_path: str = typer.Option(None, help="A rendered world directory (default: render one into OUT/data)."),
     sweep_stages: str = typer.Option(None, help="Tables 9/10 runs: perception (stage 1 only) or full; "
@@ -39,38 +39,40 @@ def genrep_command(
 
     _threads(threads)
 
-    out = out or Path("runs") / f"genrep-{dataset}-{preset}"
+    out = out or Path("runs") / f"genrep-{dataset}-{size}"
     if seeds < 1:
         from genperc.errors import UserError
 
         raise UserError(f"--seeds {seeds} < 1", "use 1 or more seeds")
-    run_experiment(dataset, preset, seeds, out, tables, list(overrides or []), world_path, sweep_stages,
-                   log=typer.echo)
+    run_experiment(dataset=dataset, size=size, seeds=seeds, out=out, tables=tables, overrides=list(overrides or []),
+                   world_path=world_path, sweep_stages=sweep_stages, log=typer.echo)
     typer.echo(f"tables → {out / 'tables.md'}")
 
 
 @app.command("addp")
 def addp_command(
     task: str = typer.Option("referring", help="referring (InstructPix2Pix-style) or depth (Marigold-style)."),
-    preset: str = typer.Option("cpu", help="cpu (32 px, ~1 h on 2 cores) or gpu (64 px, one device, ~10 min)."),
+    size: str = typer.Option("cpu", help="Experiment size: cpu (32 px, ~1 h on 2 cores) or gpu (64 px, one device, "
+                                         "~10 min)."),
     seeds: int = typer.Option(3, help="Training seeds per run (mean ± std)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/addp-<task>-<preset>)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/addp-<task>-<size>)."),
     strategies: str = typer.Option("uniform,loss-diffusion,prob-diffusion,prob-perception",
                                    help="Table 5 rows; prob-authors adds the authors' released c² table."),
     intensities: str = typer.Option("0,0.5,1,2", help="Fig. 8 augmentation intensities on the best strategy "
                                                       "('' skips part b)."),
     world_path: str = typer.Option(None, help="A rendered world with train/val/test (default: render into OUT/data)."),
-    workers: int = typer.Option(None, help="Runs trained in parallel processes (default: the preset's; 1 on a GPU)."),
-    threads: int = typer.Option(None, help="torch threads per worker (default: the preset's; 0 = torch's default)."),
+    workers: int = typer.Option(None, help="Runs trained in parallel processes (default: the size's; 1 on a GPU)."),
+    threads: int = typer.Option(None, help="torch threads per worker (default: the size's; 0 = torch's default)."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """ADDP Table 5 (timestep strategies), Fig. 8 (augmentation intensity) and Fig. 7 (per-step
     curves before/after), as markdown (OUT/tables.md) and figures."""
     from genperc.experiments.addp import run_experiment
 
-    out = out or Path("runs") / f"addp-{task}-{preset}"
-    run_experiment(task, preset, seeds, out, strategies, intensities, list(overrides or []), world_path, workers,
-                   threads, log=typer.echo)
+    out = out or Path("runs") / f"addp-{task}-{size}"
+    run_experiment(task=task, size=size, seeds=seeds, out=out, strategies=strategies, intensities=intensities,
+                   overrides=list(overrides or []), world_path=world_path, workers=workers, threads=threads,
+                   log=typer.echo)
     typer.echo(f"tables → {out / 'tables.md'}")
 
 

@@ -66,8 +66,9 @@ WORLD = dict(min_objects=3, max_objects=5, camera_distance=(6.5, 8.0),
 
 
 @dataclass
-class Preset:
-    """Sizes of one (task, preset): the config preset, the world, the run length and the evaluation."""
+class ExperimentSize:
+    """How big one (task, size) experiment is: the YAML config preset its runs start from, the
+    world, the run length and the evaluation."""
 
     config: str
     resolution: int
@@ -84,51 +85,53 @@ class Preset:
 
 # CPU: 2 single-thread workers on this 2-core machine, ~1 h for the 21 runs of 3 seeds.
 # GPU: one process, sized for a 10-minute device run (an estimate: not measured, no GPU was lent).
-PRESETS = {
-    ("referring", "cpu"): Preset("demo", 32, {"train": 1000, "val": 40, "test": 40}, steps=400, batch_size=16,
+SIZES = {
+    ("referring", "cpu"): ExperimentSize("demo", 32, {"train": 1000, "val": 40, "test": 40}, steps=400, batch_size=16,
                                  eval_items=160, calib_items=128, workers=2, threads=1,
                                  overrides=["train.lr=1e-3", "sample.steps=10"]),
-    ("depth", "cpu"): Preset("cpu-depth", 32, {"train": 1000, "val": 128, "test": 128}, steps=400, batch_size=16,
+    ("depth", "cpu"): ExperimentSize("cpu-depth", 32, {"train": 1000, "val": 128, "test": 128}, steps=400, batch_size=16,
                              eval_items=128, calib_items=128, workers=2, threads=1,
                              overrides=["train.lr=1e-3", "sample.steps=10"]),
-    ("referring", "gpu"): Preset("gpu-small", 64, {"train": 6000, "val": 100, "test": 200}, steps=1500, batch_size=64,
+    ("referring", "gpu"): ExperimentSize("gpu-small", 64, {"train": 6000, "val": 100, "test": 200}, steps=1500, batch_size=64,
                                  eval_items=500, calib_items=256, spp=16,
                                  overrides=["sample.sampler=euler-a", "sample.steps=20", "sample.text_scale=3.0",
                                             "sample.image_scale=1.5"]),
-    ("depth", "gpu"): Preset("gpu-depth", 64, {"train": 6000, "val": 256, "test": 256}, steps=1500, batch_size=64,
+    ("depth", "gpu"): ExperimentSize("gpu-depth", 64, {"train": 6000, "val": 256, "test": 256}, steps=1500, batch_size=64,
                              eval_items=256, calib_items=256, spp=16, overrides=["sample.steps=20"]),
 }
 
 
-def preset_for(task: str, preset: str) -> Preset:
+def size_for(task: str, size: str) -> ExperimentSize:
+    """The :data:`SIZES` entry of (task, size)."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r} for the ADDP experiment", f"use one of {', '.join(TASKS)}")
-    if (task, preset) not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}", "use cpu or gpu")
-    return PRESETS[(task, preset)]
+    if (task, size) not in SIZES:
+        raise UserError(f"unknown experiment size {size!r}", "use --size cpu or --size gpu")
+    return SIZES[(task, size)]
 
 
-def render_world(root: Path, p: Preset, seed: int = 0, log=print) -> Path:
+def render_world(root: Path, spec: ExperimentSize, seed: int = 0, log=print) -> Path:
     """The experiment's world: train / val / test splits (resumable, deterministic)."""
     from genperc.data.world import WorldConfig, render_split
 
-    config = WorldConfig(resolution=p.resolution, spp=p.spp, **WORLD)
-    for split, n in p.scenes.items():
+    config = WorldConfig(resolution=spec.resolution, spp=spec.spp, **WORLD)
+    for split, n in spec.scenes.items():
         manifest = root / split / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
             continue
-        log(f"rendering {n} {split} scenes at {p.resolution}px into {root}")
+        log(f"rendering {n} {split} scenes at {spec.resolution}px into {root}")
         render_split(root, config, split=split, scenes=n, seed=seed, workers=max(1, min(os.cpu_count() or 1, 4)),
                      progress=False)
     return root
 
 
-def base_config(task: str, p: Preset, world: Path, overrides: list[str]):
-    keys = [f"task={task}", "data.source=world", f"data.path={world.resolve()}", f"data.resolution={p.resolution}",
-            f"model.sample_size={p.resolution}", "data.val_split=val", f"train.steps={p.steps}",
-            f"train.batch_size={p.batch_size}", "train.progress=false", "train.augment=0",
-            f"train.checkpoint_every={max(50, p.steps // 4)}", "train.keep_checkpoints=1"]
-    return load_config(p.config, keys + list(p.overrides) + list(overrides))
+def base_config(task: str, spec: ExperimentSize, world: Path, overrides: list[str]):
+    """The config every run of the experiment starts from (before its strategy and seed)."""
+    keys = [f"task={task}", "data.source=world", f"data.path={world.resolve()}", f"data.resolution={spec.resolution}",
+            f"model.sample_size={spec.resolution}", "data.val_split=val", f"train.steps={spec.steps}",
+            f"train.batch_size={spec.batch_size}", "train.progress=false", "train.augment=0",
+            f"train.checkpoint_every={max(50, spec.steps // 4)}", "train.keep_checkpoints=1"]
+    return load_config(spec.config, keys + list(spec.overrides) + list(overrides))
 
 
 def eval_indices(n: int, k: int, seed: int) -> list[int]:
@@ -167,21 +170,18 @@ def _step_scores(run, split: str, indices: list[int], seed: int):
 
     dataset = run.task.dataset(open_scene_source(run.cfg.data, split), run.cfg.data.resolution)
     subset = Subset(dataset, [i for i in indices if i < len(dataset)])
-    sm = step_metrics(run.model, run.task, subset, schedule=run.schedule, space=run.space,
-                      text_encoder=run.text_encoder, sample_cfg=run.cfg.sample, seed=seed, device=run.device)
-    per_step = [run.task.summarize({**{k: v[:, j] for k, v in sm.values.items()}, **sm.labels})
-                for j in range(len(sm.timesteps))]
-    return sm, per_step
+    scores = step_metrics(run.model, run.task, subset, schedule=run.schedule, space=run.space,
+                          text_encoder=run.text_encoder, sample_cfg=run.cfg.sample, seed=seed, device=run.device)
+    per_step = [run.task.summarize({**{k: v[:, j] for k, v in scores.values.items()}, **scores.labels})
+                for j in range(len(scores.timesteps))]
+    return scores, per_step
 
 
 def run_job(job: dict) -> dict:
     """Train one run (resuming it when it has a checkpoint), score it at every denoising step on the
     test items, and (``job["calibrate"]``) estimate its perception c_t² on the val items. Returns
-    and writes ``RUN/result.json``."""
-    from genperc import build
-    from genperc.evaluation.trajectory import write_step_metrics
+    and writes ``RUN/result.json``; a finished run is only completed by a missing estimate."""
     from genperc.inference import load_run
-    from genperc.training.trainer import Trainer
 
     run_dir = Path(job["run_dir"])
     done = run_dir / "result.json"
@@ -191,27 +191,41 @@ def run_job(job: dict) -> dict:
             return result
         return _save_result(done, result | {"perception_c2": _try_calibrate(load_run(run_dir), job)})
     cfg = load_config(base=job["config"])
-    task = build.build_task(cfg)
-    text = _text_encoder(cfg, task)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, task=task, text_encoder=text)
-    resume = bool(list((run_dir / "checkpoints").glob("step-*")))
-    tr = trainer.train(resume=resume)
-    train_s = time.perf_counter() - t0
-    del trainer
-    run = load_run(run_dir, text_encoder=text)
-    t0 = time.perf_counter()
-    sm, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
-    eval_s = time.perf_counter() - t0
-    write_step_metrics(sm, run_dir / "steps", {"split": job["eval_split"], "task": run.task.name})
-    result = {"name": job["name"], "seed": job["seed"], "summary": per_step[-1], "timesteps": sm.timesteps.tolist(),
-              "per_step": per_step, "train_s": train_s, "eval_s": eval_s, "steps": tr.step,
-              "images_per_s": tr.images_per_s, "final_loss": tr.loss, "threads": torch.get_num_threads(),
-              "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
-              "augment": cfg.train.augment}
+    trained, text_encoder, train_s = _train(cfg, run_dir)
+    run = load_run(run_dir, text_encoder=text_encoder)
+    result = _score_on_test(run, job) | {
+        "name": job["name"], "seed": job["seed"], "train_s": train_s, "steps": trained.step,
+        "images_per_s": trained.images_per_s, "final_loss": trained.loss, "threads": torch.get_num_threads(),
+        "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
+        "augment": cfg.train.augment}
     if job.get("calibrate"):
         result["perception_c2"] = _try_calibrate(run, job)
     return _save_result(done, result)
+
+
+def _train(cfg, run_dir: Path):
+    """Train (or resume) the run; its training result, the text encoder and the seconds it took."""
+    from genperc import build
+    from genperc.training.trainer import Trainer
+
+    task = build.build_task(cfg)
+    text_encoder = _text_encoder(cfg, task)
+    start = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, task=task, text_encoder=text_encoder)
+    trained = trainer.train(resume=bool(list((run_dir / "checkpoints").glob("step-*"))))
+    return trained, text_encoder, time.perf_counter() - start
+
+
+def _score_on_test(run, job: dict) -> dict:
+    """The run's split-level summary at every denoising step on the job's test items (the last
+    step is the table entry); the per-sample matrices go to ``RUN/steps``."""
+    from genperc.evaluation.trajectory import write_step_metrics
+
+    start = time.perf_counter()
+    scores, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
+    eval_s = time.perf_counter() - start
+    write_step_metrics(scores, Path(job["run_dir"]) / "steps", {"split": job["eval_split"], "task": run.task.name})
+    return {"summary": per_step[-1], "timesteps": scores.timesteps.tolist(), "per_step": per_step, "eval_s": eval_s}
 
 
 def _save_result(path: Path, result: dict) -> dict:
@@ -238,18 +252,18 @@ def _calibrate(run, job: dict) -> dict:
     from genperc.evaluation.trajectory import write_step_metrics
 
     out = Path(job["run_dir"]) / "contributions"
-    sm, _ = _step_scores(run, "val", job["calib_indices"], job["eval_seed"])
-    write_step_metrics(sm, out / "trajectory-val", {"split": "val", "task": run.task.name,
-                                                    "T": run.schedule.num_train_timesteps})
-    res = perception_contributions(sm.matrix, sm.timesteps, bins=10, T=run.schedule.num_train_timesteps)
-    path = write_contributions(res, out / "c.json", source=str(out / "trajectory-val"), metric=sm.metric)
+    scores, _ = _step_scores(run, "val", job["calib_indices"], job["eval_seed"])
+    write_step_metrics(scores, out / "trajectory-val", {"split": "val", "task": run.task.name,
+                                                        "T": run.schedule.num_train_timesteps})
+    estimate = perception_contributions(scores.matrix, scores.timesteps, bins=10, T=run.schedule.num_train_timesteps)
+    path = write_contributions(estimate, out / "c.json", source=str(out / "trajectory-val"), metric=scores.metric)
     authors = C_TABLES.get(f"addp-{run.task.name}")
     compare = {"diffusion c²": diffusion_contributions(run.schedule, bins=10)}
     if authors is not None:
         compare["authors' table"] = authors
-    plot_contributions(res, out / "c.png", compare=compare)
-    return {"path": str(path), "factors": res.factors.tolist(), "explained": res.explained,
-            "metric": sm.metric, "samples": res.n_samples, "notes": list(res.notes)}
+    plot_contributions(estimate, out / "c.png", compare=compare)
+    return {"path": str(path), "factors": estimate.factors.tolist(), "explained": estimate.explained,
+            "metric": scores.metric, "samples": estimate.n_samples, "notes": list(estimate.notes)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,129 +279,188 @@ def _strategy_overrides(name: str, task: str, c_path: str | None) -> list[str]:
     return [f"train.timesteps={timesteps}", f"train.contributions={contributions}"]
 
 
-def run_experiment(task: str = "referring", preset: str = "cpu", seeds: int = 3, out: str | Path | None = None,
-                   strategies: str = ",".join(TABLE5), intensities: str = "0,0.5,1,2",
-                   overrides: list[str] | None = None, world_path: str | None = None, workers: int | None = None,
-                   threads: int | None = None, sizes: Preset | None = None, log=print) -> dict:
-    """Run the experiment (module docstring); returns the results dict also saved as JSON.
-    ``sizes`` replaces the preset's :class:`Preset` (tests, custom sizes)."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
-
-    p = preset_for(task, preset) if sizes is None else sizes
+def parse_strategies(strategies: str) -> list[str]:
+    """The comma-separated strategy names, checked (prob-perception needs the uniform run)."""
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     bad = [s for s in names if s not in STRATEGIES]
     if bad:
         raise UserError(f"unknown strategy {bad[0]!r}", f"use any of {', '.join(STRATEGIES)}")
     if "prob-perception" in names and "uniform" not in names:
         raise UserError("prob-perception estimates c_t² from the uniform model", "keep uniform in --strategies")
+    return names
+
+
+def parse_intensities(intensities: str) -> list[float]:
+    """The comma-separated augmentation intensities (≥ 0); '' = none (part b skipped)."""
     try:
         levels = [float(v) for v in intensities.split(",") if v.strip()] if intensities else []
     except ValueError as e:
         raise UserError(f"--intensities {intensities!r} is not a comma-separated list of numbers", "e.g. 0,0.5,1,2") from e
     if any(v < 0 for v in levels):
         raise UserError("augmentation intensities must be ≥ 0", "e.g. 0,0.5,1,2")
-    if seeds < 1:
-        raise UserError(f"--seeds {seeds} < 1", "use 1 or more seeds")
-    out = Path(out or Path("runs") / f"addp-{task}-{preset}")
-    out.mkdir(parents=True, exist_ok=True)
-    world = Path(world_path) if world_path else render_world(out / "data" / "world", p, log=log)
-    cfg = base_config(task, p, world, list(overrides or []))
-    workers = p.workers if workers is None else max(1, workers)
-    threads = p.threads if threads is None else threads
-    if torch.cuda.is_available():
-        workers = 1
+    return levels
 
-    from genperc import build
-    from genperc.data.sources import open_scene_source
 
-    tsk = build.build_task(cfg)
-    n_test = len(tsk.dataset(open_scene_source(cfg.data, "test"), cfg.data.resolution))
-    n_val = len(tsk.dataset(open_scene_source(cfg.data, "val"), cfg.data.resolution))
-    n_train = len(tsk.dataset(open_scene_source(cfg.data, "train"), cfg.data.resolution))
-    test_idx, val_idx = eval_indices(n_test, p.eval_items, 1234), eval_indices(n_val, p.calib_items, 4321)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.setdefault("runs", {})
-    results.update({"task": task, "preset": preset, "seeds": seeds, "sizes": asdict(p), "train_items": n_train,
-                    "test_items": len(test_idx), "val_items": len(val_idx), "main_metric": tsk.main_metric,
-                    "strategies": names, "intensities": levels, "workers": workers, "threads": threads,
-                    "config": cfg.to_dict(), "machine": machine_line()})
+@dataclass
+class Experiment:
+    """One experiment in progress: where it writes, its base config, the items it scores and the
+    results so far (``results.json``); runs jobs on the worker processes."""
 
-    def save():
-        results_path.write_text(json.dumps(results, indent=1, default=float))
-        (out / "tables.md").write_text(render_tables(results))
+    out: Path
+    cfg: object  # the base RunConfig of every run
+    test_indices: list[int]
+    val_indices: list[int]
+    results: dict
+    workers: int
+    threads: int
+    log: object = print
 
-    def job(name: str, seed: int, extra: list[str], calibrate: bool = False) -> dict:
-        c = load_config(base=cfg.to_dict(), overrides=[f"train.seed={seed}", *extra])
-        return {"name": name, "seed": seed, "run_dir": str(out / "runs" / f"{name}-s{seed}"), "config": c.to_dict(),
-                "eval_split": "test", "eval_indices": test_idx, "eval_seed": 0, "calib_indices": val_idx,
-                "calibrate": calibrate}
+    def save(self) -> None:
+        """Write ``results.json`` and ``tables.md``."""
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=float))
+        (self.out / "tables.md").write_text(render_tables(self.results))
 
-    def run_all(jobs: list[dict], then=lambda result: []) -> None:
+    def job(self, name: str, seed: int, extra: list[str], calibrate: bool = False) -> dict:
+        """The job of run ``name`` at ``seed``: the base config with ``extra`` overrides."""
+        cfg = load_config(base=self.cfg.to_dict(), overrides=[f"train.seed={seed}", *extra])
+        return {"name": name, "seed": seed, "run_dir": str(self.out / "runs" / f"{name}-s{seed}"),
+                "config": cfg.to_dict(), "eval_split": "test", "eval_indices": self.test_indices, "eval_seed": 0,
+                "calib_indices": self.val_indices, "calibrate": calibrate}
+
+    def is_done(self, job: dict) -> bool:
+        return _key(job) in self.results["runs"]
+
+    def run_jobs(self, jobs: list[dict], then=lambda result: []) -> None:
         """Run ``jobs`` (skipping finished ones) on the workers; ``then(result)`` may return more jobs,
         queued as soon as their prerequisite finishes (no worker idles between the phases)."""
-        todo = [j for j in jobs if _key(j) not in results["runs"]]
+        todo = [j for j in jobs if not self.is_done(j)]
         for j in jobs:
-            if _key(j) in results["runs"]:
-                todo += [f for f in then(results["runs"][_key(j)]) if _key(f) not in results["runs"]]
+            if self.is_done(j):
+                todo += [f for f in then(self.results["runs"][_key(j)]) if not self.is_done(f)]
         if not todo:
             return
-        log(f"{len(todo)} run(s): " + ", ".join(_key(j) for j in todo))
-        t0 = time.perf_counter()
-        if workers == 1:
-            _init_worker(threads)
+        self.log(f"{len(todo)} run(s): " + ", ".join(_key(j) for j in todo))
+        start = time.perf_counter()
+        if self.workers == 1:
+            _init_worker(self.threads)
             while todo:
                 j = todo.pop(0)
-                todo += _collect(j, run_job(j), t0, then)
+                todo += self._record(j, run_job(j), start, then)
             return
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+        self._run_in_pool(todo, start, then)
+
+    def _run_in_pool(self, todo: list[dict], start: float, then) -> None:
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(self.threads,)) as pool:
             pending = {pool.submit(run_job, j): j for j in todo}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    for extra in _collect(pending.pop(f), f.result(), t0, then):
+                for future in done:
+                    for extra in self._record(pending.pop(future), future.result(), start, then):
                         pending[pool.submit(run_job, extra)] = extra
 
-    def _collect(j: dict, r: dict, t0: float, then) -> list[dict]:
-        results["runs"][_key(j)] = r
-        m = tsk.main_metric
-        log(f"  {_key(j)}: {m} {r['summary'][m]:.4f} (train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s, "
-            f"{time.perf_counter() - t0:.0f} s in)")
-        save()
-        return [f for f in then(r) if _key(f) not in results["runs"]]
+    def _record(self, job: dict, result: dict, start: float, then) -> list[dict]:
+        """Store a finished run, log it, save; the follow-up jobs ``then`` asks for."""
+        self.results["runs"][_key(job)] = result
+        metric = self.results["main_metric"]
+        self.log(f"  {_key(job)}: {metric} {result['summary'][metric]:.4f} (train {result['train_s']:.0f} s, "
+                 f"eval {result['eval_s']:.0f} s, {time.perf_counter() - start:.0f} s in)")
+        self.save()
+        return [f for f in then(result) if not self.is_done(f)]
 
-    def perception_run(uniform: dict) -> list[dict]:
-        """The prob-perception run of a finished uniform run's seed, trained on its c_t² estimate."""
-        if uniform["name"] != "uniform" or "prob-perception" not in names:
-            return []
-        seed, est = uniform["seed"], uniform.get("perception_c2", {})
-        if "path" not in est:
-            log(f"  no perception c² from uniform-s{seed} ({est.get('error', 'not estimated')}): "
-                f"prob-perception-s{seed} is left out")
-            return []
-        return [job("prob-perception", seed, _strategy_overrides("prob-perception", task, est["path"]))]
 
-    # (a) strategies; each prob-perception run starts when its seed's uniform run (and estimate) is done
-    run_all([job(s, seed, _strategy_overrides(s, task, None), calibrate=(s == "uniform" and "prob-perception" in names))
-             for seed in range(seeds) for s in names if s != "prob-perception"], then=perception_run)
-    best = best_strategy(results, names, seeds)
-    results["best_strategy"] = best
-    save()
-    # (b) augmentation intensity on the best strategy (intensity 0 is the strategy's run)
-    aug = []
+def open_experiment(task: str, spec: ExperimentSize, size_name: str, seeds: int, out: Path, world: Path,
+                    overrides: list[str], names: list[str], levels: list[float], workers: int | None,
+                    threads: int | None, log) -> Experiment:
+    """The experiment's base config, the fixed test / val items it scores and its results so far
+    (resumed from ``OUT/results.json``), with this call's plan recorded."""
+    from genperc import build
+    from genperc.data.sources import open_scene_source
+
+    cfg = base_config(task, spec, world, overrides)
+    workers = 1 if torch.cuda.is_available() else (spec.workers if workers is None else max(1, workers))
+    threads = spec.threads if threads is None else threads
+    codec = build.build_task(cfg)
+    items = {split: len(codec.dataset(open_scene_source(cfg.data, split), cfg.data.resolution))
+             for split in ("train", "val", "test")}
+    test_indices = eval_indices(items["test"], spec.eval_items, 1234)
+    val_indices = eval_indices(items["val"], spec.calib_items, 4321)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.setdefault("runs", {})
+    results.update({"task": task, "size": size_name, "seeds": seeds, "size_spec": asdict(spec),
+                    "train_items": items["train"], "test_items": len(test_indices), "val_items": len(val_indices),
+                    "main_metric": codec.main_metric, "strategies": names, "intensities": levels,
+                    "workers": workers, "threads": threads, "config": cfg.to_dict(), "machine": machine_line()})
+    return Experiment(out, cfg, test_indices, val_indices, results, workers, threads, log)
+
+
+def perception_followup(experiment: Experiment, task: str, names: list[str], uniform: dict) -> list[dict]:
+    """The prob-perception job of a finished uniform run's seed, trained on that run's c_t²
+    estimate; none when prob-perception is not asked for or the estimate failed (logged)."""
+    if uniform["name"] != "uniform" or "prob-perception" not in names:
+        return []
+    seed, estimate = uniform["seed"], uniform.get("perception_c2", {})
+    if "path" not in estimate:
+        experiment.log(f"  no perception c² from uniform-s{seed} ({estimate.get('error', 'not estimated')}): "
+                       f"prob-perception-s{seed} is left out")
+        return []
+    return [experiment.job("prob-perception", seed, _strategy_overrides("prob-perception", task, estimate["path"]))]
+
+
+def run_strategies(experiment: Experiment, task: str, names: list[str], seeds: int) -> str:
+    """Part (a), Table 5: every strategy at every seed; each prob-perception run starts when its
+    seed's uniform run (and estimate) is done. Returns the best strategy (also recorded)."""
+    calibrate = "prob-perception" in names
+    jobs = [experiment.job(s, seed, _strategy_overrides(s, task, None), calibrate=(s == "uniform" and calibrate))
+            for seed in range(seeds) for s in names if s != "prob-perception"]
+    experiment.run_jobs(jobs, then=lambda result: perception_followup(experiment, task, names, result))
+    best = best_strategy(experiment.results, names, seeds)
+    experiment.results["best_strategy"] = best
+    experiment.save()
+    return best
+
+
+def run_intensities(experiment: Experiment, task: str, best: str, levels: list[float], seeds: int) -> None:
+    """Part (b), Fig. 8: the best strategy at every augmentation intensity > 0 (intensity 0 is
+    the strategy's own run); a prob-perception best reuses each seed's estimate."""
+    jobs = []
     for seed in range(seeds):
-        c_path = (results["runs"][f"uniform-s{seed}"]["perception_c2"].get("path") if best == "prob-perception"
-                  else None)
-        if best == "prob-perception" and c_path is None:
-            continue
-        aug += [job(aug_name(best, v), seed, _strategy_overrides(best, task, c_path) + [f"train.augment={v}"])
-                for v in levels if v > 0]
-    run_all(aug)
-    save()
-    plot_curves(results, out)
-    return results
+        c_path = None
+        if best == "prob-perception":
+            c_path = experiment.results["runs"][f"uniform-s{seed}"]["perception_c2"].get("path")
+            if c_path is None:
+                continue
+        jobs += [experiment.job(aug_name(best, v), seed, _strategy_overrides(best, task, c_path) + [f"train.augment={v}"])
+                 for v in levels if v > 0]
+    experiment.run_jobs(jobs)
+    experiment.save()
+
+
+def run_experiment(task: str = "referring", size: str | ExperimentSize = "cpu", seeds: int = 3,
+                   out: str | Path | None = None, strategies: str = ",".join(TABLE5), intensities: str = "0,0.5,1,2",
+                   overrides: list[str] | None = None, world_path: str | None = None, workers: int | None = None,
+                   threads: int | None = None, log=print) -> dict:
+    """Run the experiment (module docstring); returns the results dict also saved as JSON.
+    ``size``: a name in :data:`SIZES` (``cpu`` / ``gpu``) or an :class:`ExperimentSize` of one's
+    own (tests, custom sizes; recorded as ``custom``)."""
+    names, levels = parse_strategies(strategies), parse_intensities(intensities)
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds} < 1", "use 1 or more seeds")
+    spec = size if isinstance(size, ExperimentSize) else size_for(task, size)
+    size_name = "custom" if isinstance(size, ExperimentSize) else size
+    out = Path(out or Path("runs") / f"addp-{task}-{size_name}")
+    out.mkdir(parents=True, exist_ok=True)
+    world = Path(world_path) if world_path else render_world(out / "data" / "world", spec, log=log)
+    experiment = open_experiment(task, spec, size_name, seeds, out, world, list(overrides or []), names, levels,
+                                 workers, threads, log)
+    best = run_strategies(experiment, task, names, seeds)
+    run_intensities(experiment, task, best, levels, seeds)
+    plot_curves(experiment.results, out)
+    return experiment.results
 
 
 def _key(job: dict) -> str:
@@ -432,44 +505,57 @@ def aug_name(best: str, v: float) -> str:
 
 
 def render_tables(results: dict) -> str:
-    task, seeds = results["task"], results["seeds"]
-    cols = COLUMNS[task]
-    sz = results["sizes"]
-    lines = [f"# ADDP ablations: {task} on the shapes world ({results['preset']} preset)", "",
-             f"Machine: {results['machine']}; {results['workers']} worker process(es) × {results['threads'] or 'default'} "
-             f"torch thread(s). {seeds} seed(s), mean ± std over seeds. Every run: {sz['steps']} steps of batch "
-             f"{sz['batch_size']} on {results['train_items']} training items ({sz['resolution']}×{sz['resolution']}, "
-             f"{sz['scenes']['train']} scenes), scored on {results['test_items']} test items "
-             f"({results['config']['sample']['sampler']}, {results['config']['sample']['steps']} steps); the "
-             f"perception c² from {results['val_items']} val items.", ""]
-    header = "| strategy | " + " | ".join(c[1] for c in cols) + " |"
-    paper = task == "referring"
-    if paper:
-        header += " paper: RefCOCO val oIoU |"
-    lines += ["## Table 5 — timestep strategies (equal data and compute)", "", header,
-              "|" + "---|" * (header.count("|") - 1)]
-    for n in results.get("strategies", []):
-        row = f"| {STRATEGIES[n][2]} | " + " | ".join(fmt_mean_std(_key_values(results, n, k, seeds), s, d)
-                                                   for k, _, s, d in cols) + " |"
-        if paper:
-            row += f" {PAPER_TABLE5.get(n, '–')} |"
-        lines.append(row)
-    lines.append("")
-    if task == "depth":
-        lines += ["The paper has no Table 5 for depth; its full method (the authors' table + augmentation) moves "
-                  "Marigold on NYUv2 from AbsRel 6.0 to 5.6 and δ1 95.9 to 96.3.", ""]
-    best = results.get("best_strategy")
-    if best:
-        lines += [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
-                  "| intensity | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-        for v in results.get("intensities", []):
-            lines.append(f"| {v:g}× | " + " | ".join(fmt_mean_std(_key_values(results, aug_name(best, v), k, seeds), s, d)
-                                                     for k, _, s, d in cols) + " |")
-        lines.append("")
-        lines += _curve_table(results)
+    """``tables.md``: the setup line, Table 5, Fig. 8, Fig. 7 per step, the c² tables and timings."""
+    lines = _setup_lines(results) + _table5(results)
+    if results.get("best_strategy"):
+        lines += _fig8_table(results) + _curve_table(results)
     lines += _c2_table(results)
     lines += _time_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _metric_cells(results: dict, run_name: str) -> str:
+    """The run's table cells: mean ± std over seeds of each of the task's columns."""
+    return " | ".join(fmt_mean_std(_key_values(results, run_name, key, results["seeds"]), scale, digits)
+                      for key, _, scale, digits in COLUMNS[results["task"]])
+
+
+def _setup_lines(results: dict) -> list[str]:
+    spec, sample = results["size_spec"], results["config"]["sample"]
+    return [f"# ADDP ablations: {results['task']} on the shapes world ({results['size']} size)", "",
+            f"Machine: {results['machine']}; {results['workers']} worker process(es) × "
+            f"{results['threads'] or 'default'} torch thread(s). {results['seeds']} seed(s), mean ± std over seeds. "
+            f"Every run: {spec['steps']} steps of batch {spec['batch_size']} on {results['train_items']} training "
+            f"items ({spec['resolution']}×{spec['resolution']}, {spec['scenes']['train']} scenes), scored on "
+            f"{results['test_items']} test items ({sample['sampler']}, {sample['steps']} steps); the perception c² "
+            f"from {results['val_items']} val items.", ""]
+
+
+def _table5(results: dict) -> list[str]:
+    """Table 5: one row per strategy; for referring, the paper's RefCOCO number beside it."""
+    columns = COLUMNS[results["task"]]
+    paper = results["task"] == "referring"
+    header = "| strategy | " + " | ".join(c[1] for c in columns) + " |" + (" paper: RefCOCO val oIoU |" if paper else "")
+    lines = ["## Table 5 — timestep strategies (equal data and compute)", "", header,
+             "|" + "---|" * (header.count("|") - 1)]
+    for name in results.get("strategies", []):
+        lines.append(f"| {STRATEGIES[name][2]} | {_metric_cells(results, name)} |"
+                     + (f" {PAPER_TABLE5.get(name, '–')} |" if paper else ""))
+    lines.append("")
+    if not paper:
+        lines += ["The paper has no Table 5 for depth; its full method (the authors' table + augmentation) moves "
+                  "Marigold on NYUv2 from AbsRel 6.0 to 5.6 and δ1 95.9 to 96.3.", ""]
+    return lines
+
+
+def _fig8_table(results: dict) -> list[str]:
+    """Fig. 8: one row per augmentation intensity on the best strategy."""
+    best, columns = results["best_strategy"], COLUMNS[results["task"]]
+    lines = [f"## Fig. 8 — augmentation intensity on the best strategy ({STRATEGIES[best][2]})", "",
+             "| intensity | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for level in results.get("intensities", []):
+        lines.append(f"| {level:g}× | {_metric_cells(results, aug_name(best, level))} |")
+    return lines + [""]
 
 
 def final_name(results: dict) -> str | None:
@@ -507,33 +593,35 @@ def _curve_table(results: dict) -> list[str]:
     return lines + ["", "Curves of every run: `curves.png`; before/after: `before_after.png`.", ""]
 
 
-def _c2_table(results: dict) -> list[str]:
-    from genperc.diffusion.timesteps import AUTHOR_TABLES as C_TABLES
+def _percent_row(label: str, shares, r2: str = "–") -> str:
+    """A c² row: the per-bin shares (any scale) in % of their sum, noisiest bin first."""
+    total = float(sum(shares))
+    return f"| {label} | " + " | ".join(f"{100 * shares[b] / total:.1f}" for b in range(9, -1, -1)) + f" | {r2} |"
 
-    est = {s: results["runs"][f"uniform-s{s}"]["perception_c2"] for s in range(results["seeds"])
-           if "perception_c2" in results["runs"].get(f"uniform-s{s}", {})}
-    failed = [f"seed {s}: {e['error']}" for s, e in est.items() if "error" in e]
-    est = {s: e for s, e in est.items() if "factors" in e}
-    if not est and not failed:
+
+def _c2_table(results: dict) -> list[str]:
+    """Each seed's perception c² beside the authors' table and the diffusion formulation's."""
+    from genperc.diffusion.schedule import NoiseSchedule
+    from genperc.diffusion.timesteps import AUTHOR_TABLES as C_TABLES
+    from genperc.diffusion.timesteps import diffusion_contributions
+
+    estimates = {seed: results["runs"][f"uniform-s{seed}"]["perception_c2"] for seed in range(results["seeds"])
+                 if "perception_c2" in results["runs"].get(f"uniform-s{seed}", {})}
+    failed = [f"seed {seed}: {e['error']}" for seed, e in estimates.items() if "error" in e]
+    estimates = {seed: e for seed, e in estimates.items() if "factors" in e}
+    if not estimates and not failed:
         return []
     lines = ["## c_t² per bin (%, bin 9 = t ∈ [900, 1000) first)", "",
              "| source | " + " | ".join(f"bin {b}" for b in range(9, -1, -1)) + " | R² |", "|" + "---|" * 12]
-    for s, e in est.items():
-        f = e["factors"]
-        lines.append(f"| perception, uniform seed {s} | " + " | ".join(f"{100 * f[b]:.1f}" for b in range(9, -1, -1))
-                     + f" | {e['explained']:.2f} |")
+    lines += [_percent_row(f"perception, uniform seed {seed}", e["factors"], f"{e['explained']:.2f}")
+              for seed, e in estimates.items()]
     authors = C_TABLES.get(f"addp-{results['task']}")
     if authors is not None:
-        tot = float(sum(authors))
-        lines.append("| the authors' table | " + " | ".join(f"{100 * authors[b] / tot:.1f}" for b in range(9, -1, -1))
-                     + " | – |")
-    from genperc.diffusion.schedule import NoiseSchedule
-    from genperc.diffusion.timesteps import diffusion_contributions
-
-    cfg = load_config(base=results["config"])
-    d = diffusion_contributions(NoiseSchedule(cfg.diffusion), bins=10).tolist()
-    lines.append("| diffusion formulation | " + " | ".join(f"{100 * d[b]:.1f}" for b in range(9, -1, -1)) + " | – |")
-    return lines + [""] + [f"No perception c² estimate ({f}); that seed's prob-perception run is left out." for f in failed] + [""]
+        lines.append(_percent_row("the authors' table", authors))
+    schedule = NoiseSchedule(load_config(base=results["config"]).diffusion)
+    lines.append(_percent_row("diffusion formulation", diffusion_contributions(schedule, bins=10).tolist()))
+    return lines + [""] + [f"No perception c² estimate ({f}); that seed's prob-perception run is left out."
+                           for f in failed] + [""]
 
 
 def _time_table(results: dict) -> list[str]:
@@ -555,24 +643,24 @@ def plot_curves(results: dict, out: Path) -> list[Path]:
     run): the split-level main metric at every denoising step, mean ± std over seeds (Fig. 7)."""
     from genperc.evaluation.trajectory import plot_step_curves
 
-    m, seeds = results["main_metric"], results["seeds"]
+    metric, seeds = results["main_metric"], results["seeds"]
     best = results.get("best_strategy")
 
     def curves(names: dict[str, str]) -> dict:
-        cs = {}
-        for label, n in names.items():
-            runs = [results["runs"][f"{n}-s{k}"] for k in range(seeds) if f"{n}-s{k}" in results["runs"]]
+        found = {}
+        for label, name in names.items():
+            runs = [results["runs"][f"{name}-s{k}"] for k in range(seeds) if f"{name}-s{k}" in results["runs"]]
             if runs:
-                rows = [[s[m] for s in r["per_step"]] for r in runs]
-                cs[label] = (runs[0]["timesteps"], torch.tensor(rows, dtype=torch.float64))
-        return cs
+                rows = [[step[metric] for step in r["per_step"]] for r in runs]
+                found[label] = (runs[0]["timesteps"], torch.tensor(rows, dtype=torch.float64))
+        return found
 
     panels = {"timestep strategy": curves({STRATEGIES[n][2]: n for n in results.get("strategies", [])})}
     if best:
         panels["augmentation intensity"] = curves({f"{v:g}×": aug_name(best, v) for v in results.get("intensities", [])})
-    paths = [plot_step_curves(panels, out / "curves.png", ylabel=m)]
+    paths = [plot_step_curves(panels, out / "curves.png", ylabel=metric)]
     final = final_name(results)
     if final:
         paths.append(plot_step_curves({"before / after": curves({"uniform": "uniform", f"after: {final}": final})},
-                                      out / "before_after.png", ylabel=m))
+                                      out / "before_after.png", ylabel=metric))
     return paths

@@ -22,12 +22,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genperc import metrics as M
 from genperc.errors import UserError
+from genperc.metrics import iou_from, mask_intersection_union, referring_summary
 from genperc.tasks.base import Task, TaskBatch
 
-RED = (1.0, -1.0, -1.0)  # pure red in [-1, 1]
+RED = (1.0, -1.0, -1.0)  # pure red (255, 0, 0) in [-1, 1]
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def overlay_colour(image: Tensor, mask: Tensor, colour=RED, alpha: float = 1.0) -> Tensor:
+    """ADDP's referring target (§2, released code): (1 − α·m)·image + α·m·colour.
+
+    ``image`` [B, 3, H, W] in [-1, 1]; ``mask`` [B, 1, H, W] or [B, H, W] (bool or float in
+    [0, 1]); ``colour`` an RGB triple in [-1, 1] or one per sample [B, 3] (the augmentation's
+    jittered colours); ``alpha`` 1 = opaque, as in the released code. The one home of the overlay:
+    :meth:`ReferringTask.encode_target` and :mod:`genperc.tasks.augment` both call it."""
+    colour = torch.as_tensor(colour, dtype=image.dtype, device=image.device).reshape(-1, 3, 1, 1)
+    weight = mask.to(device=image.device, dtype=image.dtype) * alpha
+    if weight.ndim == 3:
+        weight = weight[:, None]
+    return image * (1 - weight) + colour * weight
 
 
 class ReferringTask(Task):
@@ -55,19 +69,17 @@ class ReferringTask(Task):
         return ReferringDataset(source, resolution=resolution)
 
     def encode_target(self, image: Tensor, mask: Tensor) -> Tensor:
-        red = torch.tensor(RED, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
-        m = mask.to(image.dtype) * self.alpha
-        return image * (1 - m) + red * m
+        return overlay_colour(image, mask, RED, self.alpha)
 
     def prepare(self, batch: dict) -> TaskBatch:
         return TaskBatch(x0=self.encode_target(batch["image"], batch["mask"]), image=batch["image"],
                          texts=list(batch["text"]), extras={"mask": batch["mask"]})
 
-    def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def augment(self, batch: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """ADDP §3.2 diffusion-tailored augmentation (``genperc.tasks.augment``); identity at intensity 0."""
-        from genperc.tasks.augment import augment_referring_batch
+        from genperc.tasks.augment import augment_referring_batch  # augment imports this module's overlay
 
-        return augment_referring_batch(self, tb, t, generator)
+        return augment_referring_batch(self, batch, t, generator)
 
     def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
         prompts = [p.strip() for p in (prompts or [])]
@@ -98,20 +110,20 @@ class ReferringTask(Task):
         gt = batch["mask"].to(prediction.device).bool()
         if gt.shape[-2:] != prediction.shape[-2:]:
             gt = F.interpolate(gt.float(), size=prediction.shape[-2:], mode="nearest") > 0.5
-        inter, union = M.mask_intersection_union(prediction, gt)
+        inter, union = mask_intersection_union(prediction, gt)
         n = prediction.shape[0]
-        return {"I": inter, "U": union, "IoU": M.iou_from(inter, union),
+        return {"I": inter, "U": union, "IoU": iou_from(inter, union),
                 "family": list(batch.get("family", ["unknown"] * n))}
 
     def summarize(self, per_sample: dict) -> dict[str, float]:
         inter, union = per_sample["I"], per_sample["U"]
-        out = M.referring_summary(inter, union, PREC_THRESHOLDS, self.strict)
+        out = referring_summary(inter, union, PREC_THRESHOLDS, self.strict)
         out["n"] = float(inter.numel())
         families = per_sample.get("family")
         if families:
             for fam in sorted(set(families)):
                 idx = torch.tensor([f == fam for f in families])
-                for k, v in M.referring_summary(inter[idx], union[idx], PREC_THRESHOLDS, self.strict).items():
+                for k, v in referring_summary(inter[idx], union[idx], PREC_THRESHOLDS, self.strict).items():
                     out[f"{fam}/{k}"] = v
                 out[f"{fam}/n"] = float(idx.sum())
         return out
@@ -123,8 +135,8 @@ class ReferringTask(Task):
 
     def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
         """Binary mask PNG (0/255) at the image's size and a red overlay."""
-        from genperc import images as V
+        from genperc.images import overlay_mask, resize_mask, save_mask, save_rgb, upscale
 
-        mask = V.resize_mask(prediction.reshape(prediction.shape[-2:]), image.shape[:2])
-        return [V.save_mask(mask, out_dir / f"{stem}_mask.png"),
-                V.save_rgb(V.upscale(V.overlay_mask(image, mask), 256), out_dir / f"{stem}_overlay.png")]
+        mask = resize_mask(prediction.reshape(prediction.shape[-2:]), image.shape[:2])
+        return [save_mask(mask, out_dir / f"{stem}_mask.png"),
+                save_rgb(upscale(overlay_mask(image, mask), 256), out_dir / f"{stem}_overlay.png")]
