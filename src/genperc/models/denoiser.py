@@ -22,7 +22,11 @@ analysis code make. It hides which diffusers model sits underneath:
 Conventions shared by every backbone:
 
 * The image condition (Marigold / InstructPix2Pix) is concatenated to ``x_t`` on the channel axis:
-  the backbone sees ``in_channels + cond_channels`` input channels.
+  the backbone sees ``in_channels + cond_channels`` input channels. The order is a property of
+  the model (``DenoiserConfig.image_first``): InstructPix2Pix and genperc's own models take
+  ``[x_t, image]`` (Brooks et al. 2023, §3.4; diffusers' pipeline), Marigold takes
+  ``[image_latent, noisy_latent]`` (Ke et al. 2024, §3.3; diffusers' ``MarigoldDepthPipeline``), so a
+  released 8-channel Marigold UNet sees its inputs where it was trained to.
 * The null class is the extra index ``num_classes`` (the table has ``num_classes + 1`` rows), as in
   DiT's classifier-free guidance embedding. A missing ``cond.class_labels`` means "null class".
   Label dropout for guidance is the trainer's job (with its own generator); the random label
@@ -68,6 +72,9 @@ class DenoiserConfig:
       sample_size:     nominal spatial size of ``x_t`` (pixels, or latent pixels in latent space).
       in_channels:     channels of the target being denoised (3 in pixel space, 4 in SD latents).
       cond_channels:   channels of the image condition concatenated on the channel axis (0 = none).
+      image_first:     concatenate ``[image, x_t]`` (Marigold) instead of ``[x_t, image]``
+                       (InstructPix2Pix, genperc's own models; the default, so checkpoints saved
+                       before this field existed load unchanged).
       out_channels:    output channels; ``None`` resolves to ``in_channels`` (×2 with
                        ``learned_variance``).
       text_dim:        width of the text token states for cross-attention (384 for MiniLM; 0 = no
@@ -93,6 +100,7 @@ class DenoiserConfig:
     sample_size: int = 32
     in_channels: int = 3
     cond_channels: int = 0
+    image_first: bool = False
     out_channels: int | None = None
     text_dim: int = 0
     num_classes: int = 0
@@ -423,7 +431,8 @@ class Denoiser(nn.Module):
                 f"cond.image shape {tuple(image.shape)} does not match x_t shape {tuple(x_t.shape)} in batch or size",
                 "resize the condition image to the size of x_t",
             )
-        return torch.cat([x_t, image.to(x_t.dtype)], dim=1)
+        image = image.to(x_t.dtype)
+        return torch.cat([image, x_t] if self.config.image_first else [x_t, image], dim=1)
 
     @staticmethod
     def _timesteps(t: Tensor | int | float, b: int, device: torch.device) -> Tensor:
@@ -565,6 +574,7 @@ class Denoiser(nn.Module):
         text_dim: int | None = None,
         num_classes: int | None = None,
         variant: str | None = None,
+        image_first: bool | None = None,
     ) -> Denoiser:
         """Wrap a local pretrained diffusers UNet (SD / InstructPix2Pix / Marigold layout).
 
@@ -572,7 +582,10 @@ class Denoiser(nn.Module):
         condition adds ``cond_channels``. If the UNet's ``conv_in`` is narrower than
         ``in_channels + cond_channels`` it is widened with :func:`widen_conv_in` (``"zero"``:
         InstructPix2Pix; ``"tile"``: Marigold); if it already has that width (a released
-        InstructPix2Pix or Marigold UNet) it is used as is. ``text_dim`` (default: the UNet's
+        InstructPix2Pix or Marigold UNet) it is used as is. ``image_first`` (default: ``True`` for
+        the Marigold widening ``"tile"``, ``False`` for ``"zero"``) is the channel order of the
+        concatenation, ``[image, x_t]`` for Marigold, ``[x_t, image]`` for InstructPix2Pix (see the
+        module docstring). ``text_dim`` (default: the UNet's
         ``cross_attention_dim``) different from the UNet's adds a trainable linear projection of the
         text states (diffusers' ``encoder_hid_dim_type="text_proj"``), e.g. MiniLM (384) into SD
         (768). ``num_classes`` (default: the UNet's own, usually none) adds a zero-initialised class
@@ -630,6 +643,7 @@ class Denoiser(nn.Module):
             sample_size=int(c.sample_size) if isinstance(c.sample_size, int) else int(c.sample_size[0]),
             in_channels=target,
             cond_channels=int(cond_channels),
+            image_first=(widen_mode == "tile") if image_first is None else bool(image_first),
             out_channels=int(c.out_channels),
             text_dim=int(text_dim),
             num_classes=int(num_classes),
