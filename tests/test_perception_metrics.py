@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genperc import metrics as M
-from genperc.tasks.depth import ensemble_depth, normalise_depth
+from genperc.tasks.depth import ensemble_depth, ensemble_objective, normalise_depth
 
 
 def t(x, dtype=torch.float64):
@@ -124,12 +124,31 @@ def test_depth_normalisation_uses_valid_percentiles():
     assert d.min() == -1 and d.max() == 1
 
 
-def test_ensemble_recovers_a_map_from_affine_copies():
-    gen = torch.Generator().manual_seed(0)
-    base = torch.rand(8, 8, generator=gen)
-    members = torch.stack([base * 2 + 1, base * 0.5 - 3, base * 7, base * 1.3 + 0.2])
-    out = ensemble_depth(members)
-    target = (base - base.min()) / (base.max() - base.min())
-    assert torch.allclose(out, target, atol=1e-4)
-    noisy = members + 0.01 * torch.randn(members.shape, generator=gen)
-    assert (ensemble_depth(noisy) - target).abs().mean() < 0.02
+def _non_affine_members(n: int, hw=(12, 12), seed: int = 0) -> torch.Tensor:
+    """Members that are affine maps of one map plus a different non-affine distortion each, so no
+    scale and shift aligns them exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(*hw, generator=gen)
+    return torch.stack([base * (1 + 0.3 * i) + 0.1 * i + 0.15 * torch.rand(*hw, generator=gen) ** 2 for i in range(n)])
+
+
+def test_ensemble_objective_sums_one_rmse_per_pair():
+    aligned = _non_affine_members(4).reshape(4, -1).double()
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    rmse = sum(math.sqrt(((aligned[i] - aligned[j]) ** 2).mean().item()) for i, j in pairs)
+    median = aligned.median(0).values
+    expected = rmse + 0.02 * (abs(median.min().item()) + abs(1 - median.max().item()))
+    assert ensemble_objective(aligned, 0.02) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("n", "max_iter", "tol"), [(6, 50, 1e-6), (5, 2, 1e-3)])
+def test_ensemble_matches_diffusers_marigold_on_non_affine_members(n, max_iter, tol):
+    """Marigold's repository defaults (50, 1e-6) and diffusers' (2, 1e-3)."""
+    from diffusers.pipelines.marigold.pipeline_marigold_depth import MarigoldDepthPipeline
+
+    members = _non_affine_members(n)
+    expected, _ = MarigoldDepthPipeline.ensemble_depth(members[:, None], max_iter=max_iter, tol=tol)
+    ours = ensemble_depth(members, max_iter=max_iter, tol=tol)
+    start = (members - members.amin((1, 2), keepdim=True)) / (members.amax((1, 2)) - members.amin((1, 2)))[:, None, None]
+    assert (expected[0, 0] - start.median(0).values).abs().max() > 1e-3  # the fit moved the members
+    torch.testing.assert_close(ours, expected[0, 0], rtol=1e-6, atol=1e-6)

@@ -13,9 +13,9 @@
   augmentation, ADDP §3.2); Marigold uses v-prediction — ``diffusion.prediction_type=v``.
 * **Decode**: the channel mean, an affine-invariant depth in [−1, 1] (near = −1).
 * **Test-time ensemble** (Marigold §3.4): each of N members gets its own scale and shift;
-  minimise the RMS of all pairwise differences of the aligned members plus
-  0.02·(|min m| + |1 − max m|) on their per-pixel median m (members mapped to [0, 1] first and
-  initialised to span [0, 1]), by L-BFGS; the result is the median, renormalised to [0, 1].
+  minimise the sum over member pairs of their RMSE plus 0.02·(|min m| + |1 − max m|) on their
+  per-pixel median m (members initialised to span [0, 1]), by Marigold's early-stopped BFGS; the
+  result is the median, renormalised to [0, 1].
 * **Metrics** (Marigold's evaluation): :func:`genperc.metrics.depth_metrics` — LSQ scale
   and shift over valid pixels, clip to ``[min_depth, max_depth]`` and ≥ 1e-6, AbsRel, SqRel,
   RMSE, RMSE-log, log10, δ1–3 (strict), SIlog, per image then averaged.
@@ -54,43 +54,56 @@ def normalise_depth(depth: Tensor, valid: Tensor, low: float = 0.02, high: float
     return out
 
 
-def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50) -> Tensor:
+def ensemble_objective(aligned: Tensor, reg: float = 0.02) -> float:
+    """Marigold's ensemble cost (Ke et al. 2024, §3.4; ``ensemble.py`` of prs-eth/Marigold and
+    diffusers' ``MarigoldDepthPipeline.ensemble_depth``) of aligned members ``aligned`` [N, P]:
+
+        Σ_{i<j} RMSE(a_i, a_j) + reg · (|min m| + |1 − max m|),   m = per-pixel median of the a_i.
+
+    One RMSE per pair, summed over the C(N, 2) pairs (not one RMSE over the pooled pairs, which
+    weighs the regulariser ~C(N, 2) times more). Each term is evaluated in ``aligned``'s dtype and
+    accumulated in double, as Marigold does."""
+    n = aligned.shape[0]
+    first, second = torch.triu_indices(n, n, offset=1)
+    pair_rmse = (aligned[first] - aligned[second]).pow(2).mean(1).sqrt()
+    median = aligned.median(0).values
+    return float(pair_rmse.double().sum()) + reg * (float(median.min().abs()) + float((1 - median.max()).abs()))
+
+
+def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50, tol: float = 1e-6) -> Tensor:
     """Marigold's test-time ensemble of affine-invariant predictions ``members`` [N, H, W] (any
-    range) → [H, W] in [0, 1] (see the module docstring). N = 1 returns the member normalised."""
-    x = members.double()
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
+    range) → [H, W] in [0, 1] (Ke et al. 2024, §3.4).
+
+    Each member gets a scale s_i and shift t_i, initialised so that it spans [0, 1]; they minimise
+    :func:`ensemble_objective` by scipy's BFGS with finite-difference gradients of the float32 cost,
+    at most ``max_iter`` iterations, tolerance ``tol`` (Marigold's optimiser and its repository's
+    defaults 50 / 1e-6; diffusers' pipeline defaults to 2 / 1e-3). The result is the per-pixel
+    median of the aligned members, renormalised to [0, 1]. This early-stopped local search is part
+    of the method: the objective's global minimum is the degenerate s = 0 (all members flat, cost
+    ``2·reg``), which a converged optimiser would reach. Open choice: Marigold first resizes members
+    whose long side exceeds 1024 px (nearest) for the fit; here the fit uses every pixel. N = 1
+    returns the member normalised."""
+    import scipy.optimize
+
+    n = members.shape[0]
+    flat = members.reshape(n, -1).float()
     lo, hi = flat.min(1).values, flat.max(1).values
-    scale0 = 1.0 / (hi - lo).clamp_min(1e-8)
-    if n == 1:
-        return ((x[0] - lo[0]) * scale0[0]).float()
-    s = scale0.clone().requires_grad_(True)
-    t = (-lo * scale0).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([s, t], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-    iu = torch.triu_indices(n, n, offset=1)
+    scale0 = 1.0 / (hi - lo).clamp_min(1e-6)
+    start = torch.cat([scale0, -lo * scale0]).double().numpy()
 
-    def objective():
-        aligned = flat * s[:, None] + t[:, None]
-        diffs = aligned[iu[0]] - aligned[iu[1]]
-        pairwise = (diffs.pow(2).mean() + 1e-12).sqrt()  # eps: finite gradient when members agree
-        m = aligned.median(0).values
-        return pairwise + reg * (m.min().abs() + (1 - m.max()).abs())
+    def align(params) -> Tensor:
+        scale_shift = torch.from_numpy(params).float()
+        return flat * scale_shift[:n, None] + scale_shift[n:, None]
 
-    def closure():
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        if not (torch.isfinite(s).all() and torch.isfinite(t).all()):  # optimiser failure: start values
-            s, t = scale0, -lo * scale0
-        m = (flat * s[:, None] + t[:, None]).median(0).values
-        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
-    return m.reshape(x.shape[1:]).float()
+    if n > 1:
+        fit = scipy.optimize.minimize(lambda p: ensemble_objective(align(p), reg), start, method="BFGS", tol=tol,
+                                      options={"maxiter": max_iter})
+        params = fit.x if np.isfinite(fit.x).all() else start
+    else:
+        params = start
+    m = align(params).median(0).values
+    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
+    return m.reshape(members.shape[1:])
 
 
 class DepthTask(Task):
