@@ -54,6 +54,38 @@ def normalise_depth(depth: Tensor, valid: Tensor, low: float = 0.02, high: float
     return out
 
 
+DEFAULT_DEPTH_RANGE = (1e-3, 100.0)
+
+
+class DepthRange:
+    """The valid depth range [m] that metrics clip aligned predictions to (Marigold's evaluation).
+
+    A value set by the user (``task_options.min_depth`` / ``max_depth``) wins; an unset one comes
+    from the data source's ``depth_range`` (NYUv2: (1e-3, 10) m) when a dataset is built over it
+    (:meth:`adopt`), else from :data:`DEFAULT_DEPTH_RANGE`."""
+
+    def __init__(self, min_depth: float | None = None, max_depth: float | None = None):
+        self.requested = (min_depth, max_depth)
+        self.adopt(None)
+
+    def adopt(self, source) -> None:
+        """Take the unset bounds from ``source.depth_range`` (or the defaults if it has none)."""
+        source_range = getattr(source, "depth_range", None)
+        fallback = source_range or DEFAULT_DEPTH_RANGE
+        low, high = (float(fallback[k] if asked is None else asked) for k, asked in enumerate(self.requested))
+        if not 0 < low < high:
+            raise UserError(f"depth task: need 0 < min_depth < max_depth, got {low}, {high}",
+                            "set task_options.min_depth / max_depth to the data set's valid range")
+        self.min_depth, self.max_depth = low, high
+        if None not in self.requested:
+            self.origin = "task_options"
+        else:
+            self.origin = "data source" if source_range else "default"
+
+    def as_list(self) -> list[float]:
+        return [self.min_depth, self.max_depth]
+
+
 def ensemble_objective(aligned: Tensor, reg: float = 0.02) -> float:
     """Marigold's ensemble cost (Ke et al. 2024, §3.4; ``ensemble.py`` of prs-eth/Marigold and
     diffusers' ``MarigoldDepthPipeline.ensemble_depth``) of aligned members ``aligned`` [N, P]:
@@ -112,21 +144,27 @@ class DepthTask(Task):
     needs_prompt: ClassVar[bool] = False
     widen_mode: ClassVar[str] = "tile"  # Marigold: a pretrained conv_in tiled over image + depth, ×0.5
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 100.0, space: str = "depth",
+    def __init__(self, min_depth: float | None = None, max_depth: float | None = None, space: str = "depth",
                  percentiles: tuple[float, float] | list = (0.02, 0.98), ensemble_reg: float = 0.02):
         if space not in ("depth", "disparity"):
             raise UserError(f"depth task: space={space!r} is not valid", "use task_options.space=depth or disparity")
-        if not 0 < float(min_depth) < float(max_depth):
-            raise UserError(f"depth task: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}",
-                            "set task_options.min_depth / max_depth to the data set's valid range")
-        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.depth_range = DepthRange(min_depth, max_depth)
         self.space = space
         self.percentiles = (float(percentiles[0]), float(percentiles[1]))
         self.ensemble_reg = float(ensemble_reg)
 
+    @property
+    def min_depth(self) -> float:
+        return self.depth_range.min_depth
+
+    @property
+    def max_depth(self) -> float:
+        return self.depth_range.max_depth
+
     def dataset(self, source, resolution: int):
         from genperc.data.datasets import DepthDataset
 
+        self.depth_range.adopt(source)
         return DepthDataset(source, resolution=resolution)
 
     def encode_target(self, depth: Tensor, valid: Tensor) -> Tensor:
@@ -163,7 +201,8 @@ class DepthTask(Task):
                                min_depth=self.min_depth, max_depth=self.max_depth)
 
     def settings(self) -> dict:
-        return {"alignment": "least squares in " + self.space + " space", "depth_range": [self.min_depth, self.max_depth],
+        return {"alignment": "least squares in " + self.space + " space", "depth_range": self.depth_range.as_list(),
+                "depth_range_from": self.depth_range.origin,
                 "normalisation_percentiles": list(self.percentiles), "delta": "strict <",
                 "ensemble": f"Marigold (per-member scale+shift, median, reg {self.ensemble_reg:g})"}
 

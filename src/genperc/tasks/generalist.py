@@ -44,7 +44,7 @@ from torch import Tensor
 from genperc import metrics as M
 from genperc.errors import UserError
 from genperc.tasks.base import Task, TaskBatch
-from genperc.tasks.depth import ensemble_depth, normalise_depth
+from genperc.tasks.depth import DepthRange, ensemble_depth, normalise_depth
 
 SUBTASKS = ("depth", "segment", "detect")
 PROMPTS = {
@@ -218,7 +218,7 @@ class GeneralistTask(Task):
 
     def __init__(self, subtasks=SUBTASKS, classes=None, absent_classes: bool = True, phrasing="vary",
                  box_width: int | None = None, box_threshold: float = 80.0, min_box: int = 2,
-                 min_depth: float = 1e-3, max_depth: float = 100.0, segment_threshold: float = 0.5):
+                 min_depth: float | None = None, max_depth: float | None = None, segment_threshold: float = 0.5):
         self.subtasks = tuple(subtasks)
         self.classes = None if classes is None else list(classes)
         self.absent_classes = bool(absent_classes)
@@ -226,7 +226,7 @@ class GeneralistTask(Task):
         self.box_width = box_width
         self.box_threshold = float(box_threshold)
         self.min_box = int(min_box)
-        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.depth_range = DepthRange(min_depth, max_depth)
         self.segment_threshold = float(segment_threshold)
         self.categories: list[str] = []
 
@@ -234,6 +234,7 @@ class GeneralistTask(Task):
         ds = GeneralistDataset(source, resolution, subtasks=self.subtasks, classes=self.classes,
                                absent_classes=self.absent_classes, phrasing=self.phrasing)
         self.categories = ds.categories
+        self.depth_range.adopt(source)
         return ds
 
     def _width(self, h: int) -> int:
@@ -329,7 +330,7 @@ class GeneralistTask(Task):
             sub = p["subtask"]
             if sub == "depth":
                 vals = M.depth_metrics(p["depth"][None], batch["depth"][i:i + 1], batch["valid"][i:i + 1],
-                                       min_depth=self.min_depth, max_depth=self.max_depth)
+                                       min_depth=self.depth_range.min_depth, max_depth=self.depth_range.max_depth)
                 for k in M.DEPTH_METRICS:
                     cols[k][i] = float(vals[k][0])
             elif sub == "segment":
@@ -396,7 +397,8 @@ class GeneralistTask(Task):
                 "absent_classes": self.absent_classes, "box_colour": list(BOX_COLOUR),
                 "box_threshold": self.box_threshold, "box_width": self.box_width or "resolution // 32",
                 "box_score": "mean box-colour response on the box outline",
-                "segment_threshold": self.segment_threshold, "depth_range": [self.min_depth, self.max_depth],
+                "segment_threshold": self.segment_threshold, "depth_range": self.depth_range.as_list(),
+                "depth_range_from": self.depth_range.origin,
                 "depth_alignment": "least squares in depth space", "mAP": "pycocotools COCOeval, IoU 0.5"}
 
     # -- prediction files -------------------------------------------------------------------
