@@ -155,6 +155,11 @@ def test_depth_task_on_a_tiny_nyuv2_file(tmp_path):
     assert not batch["valid"][:, 0, 0, :2].any()
     tb = task.prepare(batch)
     assert torch.all(tb.x0[:, :, 0, 0] == 1)  # invalid pixels → the far end of the target
+    # ... and out of the loss: the mask is 0 exactly at the missing and the > 10 m pixel
+    expected_mask = torch.ones(2, 1, 8, 8)
+    expected_mask[:, :, 0, :2] = 0
+    assert tb.loss_mask.dtype == torch.float32
+    torch.testing.assert_close(tb.loss_mask, expected_mask, rtol=0, atol=0)
     m = task.metrics(task.decode(tb.x0), batch)
     # the 2%/98% clip of the target costs a little accuracy at the extremes, nothing more
     assert torch.all(m["AbsRel"] < 0.05) and torch.all(m["delta1"] > 0.9)
@@ -190,3 +195,17 @@ def test_depth_range_comes_from_the_nyuv2_source_unless_set(tmp_path, task_name)
     assert explicit.depth_range.as_list() == [1e-3, 50.0]
     with pytest.raises(UserError, match="min_depth < max_depth"):
         create_task(task_name, min_depth=20.0, **options).dataset(source, None)
+
+
+def test_generalist_loss_mask_masks_invalid_depth_of_depth_items_only():
+    task = create_task("generalist")
+    batch, _ = batch_of(task, n=100, size=1)
+    batch["valid"][:, :, 2:5, 3] = False  # invalid depth in every item's record
+    tb = task.prepare(batch)
+    assert tb.loss_mask.shape == (len(batch["subtask"]), 1, 16, 16)
+    for i, sub in enumerate(batch["subtask"]):
+        expected = torch.ones(1, 16, 16)
+        if sub == "depth":
+            expected[:, 2:5, 3] = 0
+        torch.testing.assert_close(tb.loss_mask[i], expected, rtol=0, atol=0)
+    assert batch["subtask"].count("depth") == 1 and len(batch["subtask"]) > 1

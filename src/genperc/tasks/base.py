@@ -24,6 +24,10 @@ class TaskBatch:
     texts: list[str] | None = None  # prompts / expressions (cross-attention)
     class_labels: Tensor | None = None  # [B] long
     extras: dict = field(default_factory=dict)  # task-specific tensors for augment (mask, valid, ...)
+    # [B, 1, H, W] float at x0's pixel resolution, 1 where the pixel counts in the loss, 0 where it
+    # does not (invalid depth, Marigold); None = every pixel counts. The diffusion objective averages
+    # the squared error over the counted pixels (min-pooled to the latent grid in latent space).
+    loss_mask: Tensor | None = None
 
 
 class Task:

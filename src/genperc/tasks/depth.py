@@ -2,8 +2,9 @@
 
 * **Target**: per-sample normalisation of the valid depth by its 2% and 98% percentiles,
   d̃ = clip((d − q2)/(q98 − q2)·2 − 1, −1, 1), replicated to 3 channels (Marigold §3.2). Invalid
-  pixels are set to +1 (the far end): the one trainer has no masked loss, so they are part of the
-  target (with the shapes world every pixel is valid). ``space="disparity"`` normalises 1/d instead
+  pixels hold +1 (the far end) in the target but are left out of the loss: the task batch's
+  ``loss_mask`` is the valid mask, as in Marigold's training (with the shapes world every pixel
+  is valid). ``space="disparity"`` normalises 1/d instead
   (and evaluates with disparity alignment) — for models that predict affine-invariant disparity.
 * **Conditions**: the RGB image, concatenated to the noisy target (a pretrained ``conv_in`` is
   widened by tiling ×0.5, Marigold §3.3); the text is Marigold's null prompt "" (with
@@ -172,9 +173,10 @@ class DepthTask(Task):
         return d.expand(-1, 3, -1, -1).contiguous()
 
     def prepare(self, batch: dict) -> TaskBatch:
-        image = batch["image"]
-        return TaskBatch(x0=self.encode_target(batch["depth"], batch["valid"]).to(image.device), image=image,
-                         texts=[""] * image.shape[0], extras={"valid": batch["valid"]})
+        image, valid = batch["image"], batch["valid"]
+        return TaskBatch(x0=self.encode_target(batch["depth"], valid).to(image.device), image=image,
+                         texts=[""] * image.shape[0], extras={"valid": valid},
+                         loss_mask=valid.to(device=image.device, dtype=torch.float32))
 
     def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """ADDP §3.2 diffusion-tailored augmentation (``genperc.tasks.augment``); identity at intensity 0."""

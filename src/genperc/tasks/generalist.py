@@ -261,7 +261,15 @@ class GeneralistTask(Task):
 
     def prepare(self, batch: dict) -> TaskBatch:
         return TaskBatch(x0=self.encode_target(batch), image=batch["image"], texts=list(batch["text"]),
-                         extras={"subtask": list(batch["subtask"]), "valid": batch["valid"]})
+                         extras={"subtask": list(batch["subtask"]), "valid": batch["valid"]},
+                         loss_mask=self.loss_mask(batch))
+
+    @staticmethod
+    def loss_mask(batch: dict) -> Tensor:
+        """[B, 1, H, W]: depth items count their valid pixels only (Marigold), the others every pixel."""
+        valid = batch["valid"].to(device=batch["image"].device, dtype=torch.float32)
+        is_depth = torch.tensor([sub == "depth" for sub in batch["subtask"]], device=valid.device)
+        return torch.where(is_depth.view(-1, 1, 1, 1), valid, torch.ones_like(valid))
 
     def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
         prompts = list(prompts or [])
