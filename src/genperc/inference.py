@@ -105,12 +105,16 @@ def _sample_cfg(run: LoadedRun, steps=None, sampler=None, batch_size=None, text_
 
 def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, ensemble: int = 1,
                  limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None, image_scale=None,
-                 out: str | Path | None = None, progress: bool = False, keep: int = 0):
+                 out: str | Path | None = None, progress: bool = False, keep: int = 0,
+                 resolution: str | None = None):
     """Evaluate a loaded run on a split of its data; write ``metrics.json`` and ``samples.csv``
-    into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`."""
+    into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`.
+    ``resolution``: "model" (default) or "ground-truth" (Marigold's protocol, depth only)."""
     from genperc.data.sources import open_scene_source
-    from genperc.evaluation.evaluate import evaluate
+    from genperc.evaluation.evaluate import check_resolution, evaluate
 
+    if resolution is not None:
+        run.task.evaluation_resolution = check_resolution(resolution)
     sample_cfg = _sample_cfg(run, steps, sampler, batch_size, text_scale, image_scale)
     source = open_scene_source(run.cfg.data, split)
     dataset = run.task.dataset(source, run.cfg.data.resolution)

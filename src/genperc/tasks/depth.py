@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from genperc import metrics as M
@@ -166,7 +167,7 @@ class DepthTask(Task):
         from genperc.data.datasets import DepthDataset
 
         self.depth_range.adopt(source)
-        return DepthDataset(source, resolution=resolution)
+        return DepthDataset(source, resolution=resolution, ground_truth=self.evaluation_resolution == "ground-truth")
 
     def encode_target(self, depth: Tensor, valid: Tensor) -> Tensor:
         d = normalise_depth(depth, valid, *self.percentiles, space=self.space)
@@ -196,6 +197,17 @@ class DepthTask(Task):
         decoded = torch.stack([self.decode(m) for m in members])  # [N, B, 1, H, W]
         out = [ensemble_depth(decoded[:, b, 0], reg=self.ensemble_reg) * 2 - 1 for b in range(decoded.shape[1])]
         return torch.stack(out)[:, None]
+
+    def at_ground_truth_resolution(self, prediction: Tensor, batch: dict) -> tuple[Tensor, dict]:
+        """Marigold's protocol: the affine-invariant prediction upsampled bilinearly to the ground
+        truth's own resolution (``gt_depth`` / ``gt_valid`` of a dataset built with
+        ``evaluation_resolution="ground-truth"``), then aligned and scored there."""
+        if "gt_depth" not in batch:
+            raise UserError("the depth batch has no full-resolution ground truth (gt_depth)",
+                            "set task.evaluation_resolution = 'ground-truth' before building the dataset")
+        size = batch["gt_depth"].shape[-2:]
+        upsampled = F.interpolate(prediction.float(), size=size, mode="bilinear", align_corners=False)
+        return upsampled, {**batch, "depth": batch["gt_depth"], "valid": batch["gt_valid"]}
 
     def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor]:
         # in disparity space the prediction is affine in −1/d: the least-squares scale takes the sign
