@@ -176,7 +176,7 @@ def test_from_diffusers_widens_and_round_trips(tmp_path, inputs):
 
     d = Denoiser.from_diffusers(root, cond_channels=4).eval()  # InstructPix2Pix-style
     cfg = d.config
-    assert (cfg.in_channels, cfg.cond_channels, cfg.text_dim, cfg.preset) == (4, 4, TEXT_DIM, "diffusers")
+    assert (cfg.in_channels, cfg.cond_channels, cfg.text_dim, cfg.arch) == (4, 4, TEXT_DIM, "diffusers")
     assert d.backbone.config.in_channels == 8
     cond = Conditioning(text=text, image=torch.zeros_like(x))
     with torch.no_grad():

@@ -3,19 +3,19 @@
 ``Denoiser.forward(x_t, t, cond)`` is the only call the diffusion core, the trainer and the
 analysis code make. It hides which diffusers model sits underneath:
 
-* **UNet presets** (``unet-tiny`` / ``unet-small`` / ``unet-base``) use diffusers'
+* **UNet architectures** (``unet-tiny`` / ``unet-small`` / ``unet-base``) use diffusers'
   ``UNet2DConditionModel``. With text (``text_dim > 0``) the attention levels are cross-attention
   blocks whose key/value width is ``text_dim`` (384 for MiniLM). Without text the *same model class*
   is built with self-attention-only blocks (``AttnDownBlock2D`` / ``AttnUpBlock2D`` /
   ``UNetMidBlock2D``) and is called with ``encoder_hidden_states=None``: no dummy null token and no
   wasted cross-attention. Class labels use the UNet's own class embedding
   (``class_embed_type=None`` with ``num_class_embeds``), which is added to the timestep embedding.
-* **DiT preset** (``dit-small``, DiT-S/2 of Peebles & Xie 2023: width 384, 12 blocks, 6 heads,
+* **DiT architecture** (``dit-small``, DiT-S/2 of Peebles & Xie 2023: width 384, 12 blocks, 6 heads,
   patch 2). Without text it is diffusers' ``DiTTransformer2DModel`` (adaLN-Zero blocks,
   class-conditional). With text it is diffusers' ``PixArtTransformer2DModel`` (DiT blocks with
   adaLN-single plus cross-attention on the projected text tokens), because
   ``DiTTransformer2DModel`` has no cross-attention. PixArt has no class embedding, so a DiT with
-  both text and classes is refused; use a UNet preset for that.
+  both text and classes is refused; use a UNet architecture for that.
 * **Pretrained UNets** (Stable Diffusion, InstructPix2Pix, Marigold) come in through
   :meth:`Denoiser.from_diffusers`, see :mod:`genperc.models.pretrained`.
 
@@ -37,7 +37,7 @@ Conventions shared by every backbone:
 
 A checkpoint is ``config.json`` (this module's :class:`DenoiserConfig`, including the diffusers
 class name and config of the backbone) plus ``model.safetensors`` (the whole state dict), so a
-saved denoiser is rebuilt exactly, even if the preset tables change later.
+saved denoiser is rebuilt exactly, even if the architecture registry changes later.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class DenoiserConfig:
     """Everything needed to rebuild a :class:`Denoiser`.
 
     Conditioning fields:
-      preset:          name of the preset the architecture came from ("diffusers" for a wrapped
-                       pretrained UNet).
+      arch:            name of the registered architecture (:mod:`genperc.models.registry`) it
+                       came from ("diffusers" for a wrapped pretrained UNet); checkpoints written
+                       before the rename say ``preset``, read as ``arch``.
       sample_size:     nominal spatial size of ``x_t`` (pixels, or latent pixels in latent space).
       in_channels:     channels of the target being denoised (3 in pixel space, 4 in SD latents).
       cond_channels:   channels of the image condition concatenated on the channel axis (0 = none).
@@ -83,7 +84,7 @@ class DenoiserConfig:
       learned_variance: predict the variance interpolation ``v`` as extra output channels
                        (improved DDPM).
 
-    Architecture fields (filled from the preset):
+    Architecture fields (filled from the registry):
       backbone:        "unet" or "dit".
       block_out_channels, layers_per_block, attention_levels (one bool per resolution level,
       highest resolution first), norm_num_groups, transformer_layers: UNet.
@@ -96,7 +97,7 @@ class DenoiserConfig:
       source: the directory a pretrained backbone came from.
     """
 
-    preset: str = "unet-tiny"
+    arch: str = "unet-tiny"
     sample_size: int = 32
     in_channels: int = 3
     cond_channels: int = 0
@@ -137,6 +138,8 @@ class DenoiserConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "denoiser config") -> DenoiserConfig:
+        if "preset" in d and "arch" not in d:  # checkpoints saved before the rename
+            d = {("arch" if k == "preset" else k): v for k, v in d.items()}
         valid = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in valid]
         if unknown:
@@ -209,7 +212,7 @@ def _validate(cfg: DenoiserConfig) -> None:
         _check(
             not (cfg.text_dim and cfg.num_classes),
             "the DiT backbone takes text (PixArt cross-attention) or class labels (DiT adaLN-Zero), not both",
-            "set text_dim=0 or num_classes=0, or use a unet-* preset",
+            "set text_dim=0 or num_classes=0, or use a unet-* architecture",
         )
         _check(
             cfg.sample_size % cfg.patch_size == 0,
@@ -317,7 +320,7 @@ def _plain_config(model: nn.Module) -> dict[str, Any]:
 class Denoiser(nn.Module):
     """``forward(x_t, t, cond) -> raw output`` over a diffusers backbone; see the module docstring.
 
-    Build one with :func:`genperc.models.presets.create_denoiser`, :meth:`from_pretrained` (a genperc
+    Build one with :func:`genperc.models.registry.create_denoiser`, :meth:`from_pretrained` (a genperc
     checkpoint) or :meth:`from_diffusers` (a local Stable Diffusion-style UNet).
     """
 
@@ -639,7 +642,7 @@ class Denoiser(nn.Module):
             add_class_embedding(unet, num_classes + 1)
         levels = tuple("Attn" in bt for bt in c.down_block_types)
         config = DenoiserConfig(
-            preset="diffusers",
+            arch="diffusers",
             sample_size=int(c.sample_size) if isinstance(c.sample_size, int) else int(c.sample_size[0]),
             in_channels=target,
             cond_channels=int(cond_channels),
