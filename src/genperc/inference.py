@@ -206,7 +206,7 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
                   text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
     """``genperc predict``: read the image, predict, write the task's files, the generated target
     image and ``<stem>.json`` (what was done) into ``out``. Returns (paths, notes)."""
-    from genperc import images as V
+    from genperc.images import save_rgb, to_uint8, upscale
 
     image, notes = load_image(image_path)
     pred, generated, more = predict(run, image, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble,
@@ -215,7 +215,7 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = run.task.export(pred, out, image, stem=stem)
-    paths.append(V.save_rgb(V.upscale(V.to_uint8(generated), 256), out / f"{stem}_generated.png"))
+    paths.append(save_rgb(upscale(to_uint8(generated), 256), out / f"{stem}_generated.png"))
     info = {"image": str(image_path), "prompt": prompt, "task": run.task.name, "run": str(run.run_dir),
             "checkpoint": str(run.checkpoint), "weights": run.weights, "seed": seed, "ensemble": ensemble,
             "sampler": sampler or run.cfg.sample.sampler, "steps": steps or run.cfg.sample.steps,

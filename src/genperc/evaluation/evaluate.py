@@ -47,12 +47,12 @@ class EvalResult:
 
 
 def make_guidance(task, text_scale: float, image_scale: float):
-    from genperc.diffusion import guidance as G
+    from genperc.diffusion.guidance import ClassifierFreeGuidance, InstructPix2PixGuidance
 
     if task.uses_text and task.cond_channels and (text_scale != 1 or image_scale != 1):
-        return G.InstructPix2PixGuidance(text_scale=text_scale, image_scale=image_scale)
+        return InstructPix2PixGuidance(text_scale=text_scale, image_scale=image_scale)
     if task.uses_text and text_scale != 1:
-        return G.ClassifierFreeGuidance(text_scale)
+        return ClassifierFreeGuidance(text_scale)
     return None
 
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genperc import metrics as M
 from genperc.errors import UserError
+from genperc.metrics import depth_metrics
 from genperc.tasks.base import Task, TaskBatch
 
 
@@ -211,7 +211,7 @@ class DepthTask(Task):
 
     def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor]:
         # in disparity space the prediction is affine in −1/d: the least-squares scale takes the sign
-        return M.depth_metrics(prediction, batch["depth"], batch["valid"], alignment=self.space,
+        return depth_metrics(prediction, batch["depth"], batch["valid"], alignment=self.space,
                                min_depth=self.min_depth, max_depth=self.max_depth)
 
     def settings(self) -> dict:
@@ -224,11 +224,11 @@ class DepthTask(Task):
 
     def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
         """16-bit PNG of the affine-invariant depth (0 = near, 65535 = far) and a colourised PNG."""
-        from genperc import images as V
+        from genperc.images import colorize_depth, resize_float, save_png16, save_rgb
 
         d = prediction.reshape(prediction.shape[-2:]).float()
         d01 = ((d + 1) / 2).clamp(0, 1)
-        d01 = V.resize_float(d01, image.shape[:2])
-        paths = [V.save_png16(d01, out_dir / f"{stem}_depth16.png"),
-                 V.save_rgb(V.colorize_depth(d01), out_dir / f"{stem}_depth_color.png")]
+        d01 = resize_float(d01, image.shape[:2])
+        paths = [save_png16(d01, out_dir / f"{stem}_depth16.png"),
+                 save_rgb(colorize_depth(d01), out_dir / f"{stem}_depth_color.png")]
         return paths

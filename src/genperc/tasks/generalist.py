@@ -41,8 +41,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genperc import metrics as M
 from genperc.errors import UserError
+from genperc.metrics import (
+    DEPTH_METRICS,
+    coco_map50,
+    confusion_matrix,
+    depth_metrics,
+    mask_intersection_union,
+    nanmean,
+    semantic_summary,
+)
 from genperc.tasks.base import Task, TaskBatch
 from genperc.tasks.depth import DepthRange, ensemble_depth, normalise_depth
 
@@ -331,18 +339,18 @@ class GeneralistTask(Task):
     def metrics(self, prediction: list[dict], batch: dict) -> dict[str, Tensor | list]:
         n = len(prediction)
         nan = float("nan")
-        cols: dict[str, list] = {k: [nan] * n for k in (*M.DEPTH_METRICS, "IoU", "boxes_found", "boxes_true")}
+        cols: dict[str, list] = {k: [nan] * n for k in (*DEPTH_METRICS, "IoU", "boxes_found", "boxes_true")}
         seg, det = [None] * n, [None] * n
         records = [m.get("record_index", i) for i, m in enumerate(batch.get("meta", [{}] * n))]
         for i, p in enumerate(prediction):
             sub = p["subtask"]
             if sub == "depth":
-                vals = M.depth_metrics(p["depth"][None], batch["depth"][i:i + 1], batch["valid"][i:i + 1],
+                vals = depth_metrics(p["depth"][None], batch["depth"][i:i + 1], batch["valid"][i:i + 1],
                                        min_depth=self.depth_range.min_depth, max_depth=self.depth_range.max_depth)
-                for k in M.DEPTH_METRICS:
+                for k in DEPTH_METRICS:
                     cols[k][i] = float(vals[k][0])
             elif sub == "segment":
-                inter, union = M.mask_intersection_union(p["mask"][None], batch["mask"][i:i + 1])
+                inter, union = mask_intersection_union(p["mask"][None], batch["mask"][i:i + 1])
                 # an absent class correctly left empty has no IoU (not 0): left out of the mean
                 cols["IoU"][i] = float(inter[0] / union[0]) if union[0] > 0 else nan
                 seg[i] = {"record": int(records[i]), "class_id": int(batch["class_id"][i]),
@@ -364,20 +372,20 @@ class GeneralistTask(Task):
             out[f"{sub}/n"] = float(sum(s == sub for s in subs))
         is_depth = torch.tensor([s == "depth" for s in subs])
         if is_depth.any():
-            for k in M.DEPTH_METRICS:
-                out[f"depth/{k}"] = M.nanmean(per_sample[k][is_depth].tolist())
+            for k in DEPTH_METRICS:
+                out[f"depth/{k}"] = nanmean(per_sample[k][is_depth].tolist())
         seg = [s for s in per_sample["seg"] if s is not None]
         if seg:
             out.update({f"segment/{k}": v for k, v in self._semantic_summary(seg).items()})
             is_seg = torch.tensor([s == "segment" for s in subs])
-            out["segment/mean_item_IoU"] = M.nanmean(per_sample["IoU"][is_seg].tolist())
+            out["segment/mean_item_IoU"] = nanmean(per_sample["IoU"][is_seg].tolist())
         det = [d for d in per_sample["det"] if d is not None]
         if det:
             gt = [{"image_id": d["record"], "category_id": d["class_id"], "box": b} for d in det for b in d["gt"]]
             dets = [{"image_id": d["record"], "category_id": d["class_id"], "box": b, "score": s}
                     for d in det for b, s in zip(d["boxes"], d["scores"], strict=True)]
             cats = sorted({d["class_id"] for d in det})
-            out.update({f"detect/{k}": v for k, v in M.coco_map50(gt, dets, cats).items()})
+            out.update({f"detect/{k}": v for k, v in coco_map50(gt, dets, cats).items()})
         return out
 
     def _semantic_summary(self, seg: list[dict]) -> dict[str, float]:
@@ -397,8 +405,8 @@ class GeneralistTask(Task):
             gt = items[0]["semantic"]
             if bg is None:  # no background class: pixels without a response are not scored
                 gt = torch.where(on, gt, torch.full_like(gt, -1))
-            conf += M.confusion_matrix(pred, gt, len(cats))
-        return M.semantic_summary(conf, cats)
+            conf += confusion_matrix(pred, gt, len(cats))
+        return semantic_summary(conf, cats)
 
     def settings(self) -> dict:
         return {"subtasks": list(self.subtasks), "classes": self.classes or "all but background",
@@ -412,7 +420,7 @@ class GeneralistTask(Task):
     # -- prediction files -------------------------------------------------------------------
 
     def export(self, prediction: dict, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
-        from genperc import images as V
+        from genperc.images import draw_boxes, save_rgb
         from genperc.tasks.depth import DepthTask
         from genperc.tasks.referring import ReferringTask
 
@@ -434,5 +442,5 @@ class GeneralistTask(Task):
                                     "label": label, "boxes": [{"box": [round(v, 2) for v in b], "score": round(s, 4),
                                                                "label": label} for b, s in zip(boxes, scores, strict=True)]},
                                    indent=1))
-        vis = V.draw_boxes(image, boxes, scores, labels=[label] * len(boxes) if label else None)
-        return [path, V.save_rgb(vis, out_dir / f"{stem}_boxes.png")]
+        vis = draw_boxes(image, boxes, scores, labels=[label] * len(boxes) if label else None)
+        return [path, save_rgb(vis, out_dir / f"{stem}_boxes.png")]
