@@ -83,16 +83,24 @@ def test_marigold_depth_matches_diffusers_pipeline(tmp_path):
 
     denoiser = Denoiser.from_diffusers(root, cond_channels=4, widen_mode="tile").eval()
     assert denoiser.config.image_first
-    space = LatentSpace(root, clamp=False)  # the pipeline clips after the channel mean
+    space = LatentSpace(root)
+    task = DepthTask()
     with torch.no_grad():
         image_latent = space.encode(image01 * 2 - 1)
         cond = Conditioning(text=empty_text, image=image_latent)
         latent = sample(denoiser, x_T, cond, schedule=schedule, sampler="ddim", num_steps=STEPS).sample
-        depth = DepthTask().decode(space.decode(latent)).clamp(-1, 1)
+        # what evaluation does for a task that clamps after its own decoding (Marigold: mean, then clip)
+        assert task.clamps_own_decode
+        generated = space.decode(latent, clamp=False)
+        depth = task.decode(generated)
 
     assert (expected.latent - x_T).abs().max() > 0.1  # the sampler moved the latents
     torch.testing.assert_close(latent, expected.latent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close((depth + 1) / 2, expected.prediction, rtol=1e-5, atol=1e-5)
+    # clipping each channel before the mean (the order before) would not match here
+    assert generated.abs().max() > 1
+    per_channel_first = (task.decode(generated.clamp(-1, 1)) + 1) / 2
+    assert (per_channel_first - expected.prediction).abs().max() > 1e-3
 
 
 def test_swapped_order_breaks_parity(tmp_path):

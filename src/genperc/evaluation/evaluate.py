@@ -60,8 +60,10 @@ def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg
                    ensemble: int = 1) -> list[torch.Tensor]:
     """Generate ``ensemble`` target images per item of a TaskBatch, in one sampler call.
 
-    Returns a list of ``ensemble`` tensors [B, C, H, W] in [-1, 1] on the CPU. The noise of member e
-    is rows e·B … (e+1)·B of one draw from ``generator`` (so ``ensemble=1`` draws exactly [B, …])."""
+    Returns a list of ``ensemble`` tensors [B, C, H, W] on the CPU, clamped to [-1, 1] unless the
+    task clamps after its own decoding (``task.clamps_own_decode``, depth: Marigold's order). The
+    noise of member e is rows e·B … (e+1)·B of one draw from ``generator`` (so ``ensemble=1`` draws
+    exactly [B, …])."""
     from genperc.diffusion.sampler import sample
 
     if not isinstance(ensemble, int) or ensemble < 1:
@@ -76,7 +78,9 @@ def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg
     out = sample(model, noise, cond, schedule=schedule, sampler=sample_cfg.sampler, num_steps=sample_cfg.steps,
                  guidance=guidance, null_cond=null_conditioning(text_encoder, device), eta=sample_cfg.eta,
                  generator=generator)
-    x0 = space.decode(out.sample).clamp(-1, 1).float().cpu()
+    x0 = space.decode(out.sample, clamp=False).float().cpu()
+    if not getattr(task, "clamps_own_decode", False):
+        x0 = x0.clamp(-1, 1)
     return list(x0.chunk(ensemble, dim=0))
 
 

@@ -41,6 +41,9 @@ class Task:
     uses_text: ClassVar[bool] = True
     needs_prompt: ClassVar[bool] = True  # prediction needs a user prompt (referring expression, instruction)
     main_metric: ClassVar[str] = ""
+    # decode() receives the generated image unclamped and clamps after its own reduction (Marigold:
+    # channel mean, then clip); otherwise the image is clamped to [-1, 1] per channel first
+    clamps_own_decode: ClassVar[bool] = False
     widen_mode: ClassVar[str] = "zero"  # pretrained conv_in widening for the condition: zero (IP2P) | tile (Marigold)
     augment_intensity: float = 0.0  # ADDP §3.2 intensity multiplier (set from train.augment)
     evaluation_resolution: str = "model"  # "model" | "ground-truth": where metrics are computed

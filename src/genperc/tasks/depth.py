@@ -12,7 +12,8 @@
   Diffusion UNet needs its CLIP text encoder, ``model.text_encoder=<dir>``).
 * **Parameterisation**: the CPU presets use x0-prediction (the one ADDP recommends with its
   augmentation, ADDP §3.2); Marigold uses v-prediction — ``diffusion.prediction_type=v``.
-* **Decode**: the channel mean, an affine-invariant depth in [−1, 1] (near = −1).
+* **Decode**: the channel mean of the unclamped generated image, clipped to [−1, 1] (Marigold's
+  order), an affine-invariant depth (near = −1).
 * **Test-time ensemble** (Marigold §3.4): each of N members gets its own scale and shift;
   minimise the sum over member pairs of their RMSE plus 0.02·(|min m| + |1 − max m|) on their
   per-pixel median m (members initialised to span [0, 1]), by Marigold's early-stopped BFGS; the
@@ -144,6 +145,7 @@ class DepthTask(Task):
     name: ClassVar[str] = "depth"
     main_metric: ClassVar[str] = "AbsRel"
     needs_prompt: ClassVar[bool] = False
+    clamps_own_decode: ClassVar[bool] = True
     widen_mode: ClassVar[str] = "tile"  # Marigold: a pretrained conv_in tiled over image + depth, ×0.5
 
     def __init__(self, min_depth: float | None = None, max_depth: float | None = None, space: str = "depth",
@@ -189,8 +191,9 @@ class DepthTask(Task):
         return TaskBatch(x0=torch.zeros_like(image), image=image, texts=[""] * image.shape[0]), {}
 
     def decode(self, x0: Tensor, batch: dict | None = None) -> Tensor:
-        """[B, 3, H, W] → affine-invariant depth [B, 1, H, W] (channel mean, Marigold)."""
-        return x0.float().mean(1, keepdim=True)
+        """[B, 3, H, W] → affine-invariant depth [B, 1, H, W]: the channel mean, clipped to [−1, 1]
+        (Marigold's order: the VAE's output is averaged first, then clipped)."""
+        return x0.float().mean(1, keepdim=True).clamp(-1, 1)
 
     def decode_ensemble(self, members: list[Tensor], batch: dict | None = None) -> Tensor:
         """N generated images per item → the Marigold ensemble, mapped back to [−1, 1]."""
