@@ -114,8 +114,9 @@ def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50, tol: 
     at most ``max_iter`` iterations, tolerance ``tol`` (Marigold's optimiser and its repository's
     defaults 50 / 1e-6; diffusers' pipeline defaults to 2 / 1e-3). The result is the per-pixel
     median of the aligned members, renormalised to [0, 1]. This early-stopped local search is part
-    of the method: the objective's global minimum is the degenerate s = 0 (all members flat, cost
-    ``2·reg``), which a converged optimiser would reach. Open choice: Marigold first resizes members
+    of the method: the objective's global minimum is the degenerate s = 0 (all members one flat
+    value in [0, 1], cost ``reg``), which a converged optimiser reaches for members that are not
+    exact affine copies. Open choice: Marigold first resizes members
     whose long side exceeds 1024 px (nearest) for the fit; here the fit uses every pixel. N = 1
     returns the member normalised."""
     import scipy.optimize
