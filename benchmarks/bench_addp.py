@@ -19,7 +19,7 @@ import torch
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.diffusion.timesteps import create_timestep_sampler, load_contributions
-from genperc.models.presets import create_denoiser
+from genperc.models.registry import create_denoiser
 from genperc.tasks.augment import depth_augment, referring_augment
 
 SIZE, BATCH, T = 32, 16, 1000

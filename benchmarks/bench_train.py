@@ -9,7 +9,7 @@ import torch
 
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
-from genperc.models.presets import create_denoiser
+from genperc.models.registry import create_denoiser
 
 
 def _train_ips(preset: str, size: int, batch: int, steps: int = 6) -> float:

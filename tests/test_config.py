@@ -12,9 +12,9 @@ def test_every_preset_resolves():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("cpu-tiny", ["train.lr=3e-4", "train.steps=7", "model.preset=unet-small", "data.options={size: 5}"])
+    cfg = load_config("cpu-tiny", ["train.lr=3e-4", "train.steps=7", "model.arch=unet-small", "data.options={size: 5}"])
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
-    assert cfg.train.steps == 7 and cfg.model.preset == "unet-small"
+    assert cfg.train.steps == 7 and cfg.model.arch == "unet-small"
     assert cfg.data.options == {"size": 5}
     # an int given for a float field is accepted
     assert load_config("cpu-tiny", ["train.lr=1"]).train.lr == 1.0
@@ -38,7 +38,7 @@ def test_wrong_type_and_bad_override_and_unknown_preset():
 
 def test_preset_inheritance_and_yaml_file(tmp_path):
     assert load_preset_dict("cpu-world")["data"]["source"] == "world"
-    assert load_preset_dict("cpu-world")["model"]["preset"] == "unet-tiny"
+    assert load_preset_dict("cpu-world")["model"]["arch"] == "unet-tiny"
     p = tmp_path / "mine.yaml"
     p.write_text("base: cpu-tiny\ntrain:\n  steps: 3\n")
     assert load_config(str(p)).train.steps == 3
@@ -55,3 +55,27 @@ def test_round_trip_through_yaml(tmp_path):
 
     assert load_run_config(tmp_path).to_dict() == cfg.to_dict()
     assert "diffusion.prediction_type" in valid_keys()
+
+
+def test_run_config_from_before_the_arch_rename_loads_with_a_warning(tmp_path):
+    """A run directory's config.yaml that says ``model.preset`` (the key before it became
+    ``model.arch``) loads, mapped to ``arch``, with one warning line."""
+    import warnings
+
+    import yaml
+
+    from genperc.config import load_run_config
+
+    old = load_config("cpu-tiny").to_dict()
+    old["model"] = {("preset" if k == "arch" else k): v for k, v in old["model"].items()}
+    old["model"]["preset"] = "unet-small"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_run_config(tmp_path)
+    assert cfg.model.arch == "unet-small"
+    assert len(caught) == 1 and caught[0].category is FutureWarning
+    message = str(caught[0].message)
+    assert "model.preset" in message and "model.arch=unet-small" in message and "\n" not in message
+    with pytest.raises(UserError, match="model.preset"):  # both keys: the old one is just unknown
+        load_config("cpu-tiny", ["model.preset=unet-small", "model.arch=unet-tiny"])

@@ -107,9 +107,24 @@ def test_depth_dataset_does_not_mix_invalid_pixels(source):
     up = DepthDataset(source, resolution=16)[0]
     assert up["depth"][0][up["valid"][0]].max() <= 3.0 + 1e-5
     near = DepthDataset(source, resolution=(4, 6), depth_resize="nearest")[0]
-    assert near["depth"].shape == (1, 4, 6)
+    # nearest at pixel centres: output column j reads input column floor((j + 0.5)·8/6) = 0,2,3,4,6,7
+    expected_valid = torch.tensor([False, False, False, True, True, True]).expand(1, 4, 6)
+    assert torch.equal(near["valid"], expected_valid)
+    torch.testing.assert_close(near["depth"], torch.where(expected_valid, 3.0, 0.0))
     # record 1 has no depth_valid: finite positive depth counts as valid
     assert DepthDataset(source)[1]["valid"].all()
+
+
+def test_depth_dataset_keeps_the_ground_truth_at_its_own_resolution(source):
+    """``ground_truth=True``: the record's depth over the plan's crop, not resized (Marigold's
+    evaluation protocol); a centre crop of an 8×8 record to 4×2 keeps columns 2..5 (2:6), all rows."""
+    item = DepthDataset(source, resolution=(4, 2), fit="center_crop", ground_truth=True)[0]
+    record = source.records[0]
+    assert item["depth"].shape == (1, 4, 2)
+    torch.testing.assert_close(item["gt_valid"][0], torch.from_numpy(record.depth_valid[:, 2:6]))
+    expected = np.where(record.depth_valid, record.depth, 0.0)[:, 2:6]
+    torch.testing.assert_close(item["gt_depth"][0], torch.from_numpy(expected))
+    assert "gt_depth" not in DepthDataset(source, resolution=4)[0]
 
 
 def test_referring_one_item_per_expression_with_right_mask(source):

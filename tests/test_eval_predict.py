@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from genperc.cli import main
@@ -108,3 +109,70 @@ def test_user_errors_are_one_line(runs, image_png, tmp_path, capsys):
         assert main(argv + ["--out", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (argv, err)
+
+
+# ---- evaluation at the ground truth's resolution (Marigold's protocol) ----------------------------
+
+
+class _DepthColumns:
+    """One 4×4 record whose depth columns are 1, 2, 3, 4 m (all valid)."""
+
+    categories: list = []
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        from genperc.data.record import SceneRecord
+
+        depth = np.tile(np.array([1.0, 2.0, 3.0, 4.0], np.float32), (4, 1))
+        return SceneRecord(image=np.zeros((4, 4, 3), np.uint8), depth=depth, depth_valid=np.ones((4, 4), bool))
+
+
+class _FixedX0(torch.nn.Module):
+    """An x0-predicting "model" that always predicts the 2×2 target [[−1, 1], [−1, 1]]: one DDIM step
+    (ᾱ_prev = 1 after the last step) returns exactly that target."""
+
+    def forward(self, x, t, cond):
+        return torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]).expand(x.shape[0], 3, 2, 2)
+
+
+@pytest.mark.parametrize("resolution", ["model", "ground-truth"])
+def test_depth_evaluated_at_the_ground_truths_resolution(resolution):
+    """Prediction [0, 1] per row at 2×2. At the model's 2×2 the resized ground truth has two
+    columns, which an affine map of two values fits exactly: AbsRel 0. At the ground truth's 4×4,
+    the bilinear upsampling (half-pixel centres) gives the columns p = 0, 1/4, 3/4, 1 against
+    d = 1, 2, 3, 4: least squares s = 1.75/0.625 = 2.8, b = 2.5 − 2.8·0.5 = 1.1, aligned
+    1.1, 1.8, 3.2, 3.9, AbsRel = (0.1/1 + 0.2/2 + 0.2/3 + 0.1/4)/4."""
+    from genperc.config import SampleConfig
+    from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
+    from genperc.evaluation.evaluate import evaluate
+    from genperc.models.latent import PixelSpace
+    from genperc.tasks import create_task
+
+    task = create_task("depth")
+    task.evaluation_resolution = resolution
+    dataset = task.dataset(_DepthColumns(), 2)
+    res = evaluate(_FixedX0(), task, dataset, schedule=NoiseSchedule(DiffusionConfig(prediction_type="x0")),
+                   space=PixelSpace(), text_encoder=None, sample_cfg=SampleConfig(steps=1, sampler="ddim"))
+    expected = 0.0 if resolution == "model" else (0.1 / 1 + 0.2 / 2 + 0.2 / 3 + 0.1 / 4) / 4
+    assert res.summary["AbsRel"] == pytest.approx(expected, abs=1e-6)
+    assert res.settings["resolution"].startswith("ground truth" if resolution == "ground-truth" else "model")
+
+
+def test_ground_truth_resolution_needs_the_full_resolution_truth():
+    from genperc.config import SampleConfig
+    from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
+    from genperc.errors import UserError
+    from genperc.evaluation.evaluate import evaluate
+    from genperc.models.latent import PixelSpace
+    from genperc.tasks import create_task
+
+    task = create_task("depth")
+    dataset = task.dataset(_DepthColumns(), 2)  # built for the model's resolution
+    with pytest.raises(UserError, match="gt_depth"):
+        evaluate(_FixedX0(), task, dataset, schedule=NoiseSchedule(DiffusionConfig(prediction_type="x0")),
+                 space=PixelSpace(), text_encoder=None, sample_cfg=SampleConfig(steps=1), resolution="ground-truth")
+    with pytest.raises(UserError, match="evaluation resolution"):
+        evaluate(_FixedX0(), task, dataset, schedule=NoiseSchedule(DiffusionConfig(prediction_type="x0")),
+                 space=PixelSpace(), text_encoder=None, sample_cfg=SampleConfig(steps=1), resolution="native")

@@ -241,7 +241,7 @@ def test_nyuv2_transposed_axes_split_and_valid_range(tmp_path):
     images, depths, labels = write_nyu(mat)
     scipy.io.savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [3]]),
                                                "testNdxs": np.array([[2], [4]])})
-    src = NYUv2Source(mat, split="test", semantic=True)  # splits.mat found next to the .mat
+    src = NYUv2Source(mat, split="test", semantic=True, eigen_crop=False)  # splits.mat found next to the .mat
     assert len(src) == 2 and src.indices == [1, 3]
     r = src[1]
     np.testing.assert_array_equal(r.image, images[3])
@@ -251,27 +251,38 @@ def test_nyuv2_transposed_axes_split_and_valid_range(tmp_path):
     np.testing.assert_array_equal(r.semantic, labels[3].astype(np.int32) - 1)
     assert src.categories == ["bed", "chair", "wall"]
     assert r.meta["frame"] == 3
-    assert len(open_source("nyuv2", mat, "train")) == 2
-    assert NYUv2Source(mat, indices=[0, 2]).indices == [0, 2]
-    assert len(NYUv2Source(mat, split="all")) == 4
+    assert len(open_source("nyuv2", mat, "train", eigen_crop=False)) == 2
+    assert NYUv2Source(mat, indices=[0, 2], eigen_crop=False).indices == [0, 2]
+    assert len(NYUv2Source(mat, split="all", eigen_crop=False)) == 4
 
 
-def test_nyuv2_eigen_crop_and_errors(tmp_path):
+def test_nyuv2_eigen_crop_and_10_m_are_the_default_protocol(tmp_path):
     mat = tmp_path / "full.mat"
+    depth = np.full((1, 480, 640), 2.0, np.float32)
+    depth[0, 100, 100], depth[0, 101, 100] = 9.99, 10.0  # 10 m is outside the open range (1e-3, 10)
     with h5py.File(mat, "w") as f:
         f["images"] = np.zeros((1, 3, 640, 480), np.uint8)
-        f["depths"] = np.full((1, 640, 480), 2.0, np.float32)
-    r = NYUv2Source(mat, split="all", eigen_crop=True)[0]
-    assert r.depth_valid.sum() == (471 - 45) * (601 - 41)
+        f["depths"] = depth.transpose(0, 2, 1)
+    source = NYUv2Source(mat, split="all")
+    r = source[0]
+    assert source.depth_range == (1e-3, 10.0)
+    assert r.depth_valid.sum() == (471 - 45) * (601 - 41) - 1
     assert r.depth_valid[45, 41] and not r.depth_valid[44, 41] and not r.depth_valid[45, 601]
-    np.testing.assert_array_equal(eigen_crop_mask(), r.depth_valid)
-    assert NYUv2Source(mat, split="all")[0].depth_valid.all()
+    assert r.depth_valid[100, 100] and not r.depth_valid[101, 100]
+    expected = eigen_crop_mask()
+    expected[101, 100] = False
+    np.testing.assert_array_equal(expected, r.depth_valid)
+    assert NYUv2Source(mat, split="all", eigen_crop=False)[0].depth_valid.sum() == 480 * 640 - 1
     with pytest.raises(UserError, match="no split file"):
         NYUv2Source(mat, split="test")
     with pytest.raises(UserError, match="out of range"):
         NYUv2Source(mat, indices=[1])
     with pytest.raises(UserError, match="480x640"):
         eigen_crop_mask(6, 8)
+    small = tmp_path / "small.mat"
+    write_nyu(small)
+    with pytest.raises(UserError, match="eigen_crop=false"):
+        NYUv2Source(small, split="all")
     bad = tmp_path / "v5.mat"
     scipy.io.savemat(bad, {"depths": np.zeros((2, 2))})
     with pytest.raises(UserError, match="v5.mat is not an HDF5"):
@@ -283,7 +294,7 @@ def test_nyuv2_eigen_crop_and_errors(tmp_path):
 def test_nyuv2_source_pickles_without_the_file_handle(tmp_path):
     mat = tmp_path / "n.mat"
     images, _, _ = write_nyu(mat, n=2)
-    src = NYUv2Source(mat, split="all")
+    src = NYUv2Source(mat, split="all", eigen_crop=False)
     src[0]
     clone = pickle.loads(pickle.dumps(src))  # what a DataLoader worker (spawn) receives
     np.testing.assert_array_equal(clone[1].image, images[1])

@@ -9,7 +9,7 @@ from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.diffusion.variance import learned_log_variance
 from genperc.models.heads import FeatureTaps, HeadConfig, PerceptionHeads, default_taps
-from genperc.models.presets import create_denoiser
+from genperc.models.registry import create_denoiser
 from genperc.models.semantic import GenRepModel, SemanticConfig, build_genrep_model, rep_align_loss
 from genperc.training.objectives import HybridDiffusionObjective, discretized_gaussian_log_likelihood
 from genperc.training.strategies import StepContext

@@ -1,4 +1,4 @@
-"""Denoiser presets, forward conventions and genperc checkpoints (tiny random models, CPU)."""
+"""Denoiser architectures (the registry), forward conventions and genperc checkpoints (tiny random models, CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from genperc.diffusion.conditioning import Conditioning
 from genperc.errors import UserError
 from genperc.models.denoiser import Denoiser, DenoiserConfig
-from genperc.models.presets import create_denoiser, denoiser_config, list_presets
+from genperc.models.registry import create_denoiser, denoiser_config, list_architectures
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -27,15 +27,15 @@ def _text(b=2, length=5, dim=384, seed=1):
     return _randn(b, length, dim, seed=seed), mask
 
 
-# ---- presets ---------------------------------------------------------------------------------
+# ---- architectures-----------------------------------------------------------------------------
 
 
-def test_presets_listed():
-    assert {"unet-tiny", "unet-small", "unet-base", "dit-small"} <= set(list_presets())
+def test_architectures_listed():
+    assert {"unet-tiny", "unet-small", "unet-base", "dit-small"} <= set(list_architectures())
 
 
 @pytest.mark.parametrize(
-    "preset,text_dim,lo,hi",
+    "arch,text_dim,lo,hi",
     [
         ("unet-tiny", 384, 1.5e6, 2.5e6),
         ("unet-tiny", 0, 0.8e6, 2.5e6),
@@ -47,13 +47,13 @@ def test_presets_listed():
         ("dit-small", 0, 25e6, 40e6),
     ],
 )
-def test_preset_param_counts(preset, text_dim, lo, hi):
-    n = create_denoiser(preset, text_dim=text_dim).num_parameters()
-    assert lo <= n <= hi, f"{preset} text_dim={text_dim}: {n / 1e6:.2f} M parameters"
+def test_arch_param_counts(arch, text_dim, lo, hi):
+    n = create_denoiser(arch, text_dim=text_dim).num_parameters()
+    assert lo <= n <= hi, f"{arch} text_dim={text_dim}: {n / 1e6:.2f} M parameters"
 
 
 @pytest.mark.parametrize(
-    "preset,overrides,size",
+    "arch,overrides,size",
     [
         ("unet-tiny", dict(text_dim=384, cond_channels=3, num_classes=4, learned_variance=True), 32),
         ("unet-tiny", dict(num_classes=4), 32),  # text-free, class-conditional
@@ -65,8 +65,8 @@ def test_preset_param_counts(preset, text_dim, lo, hi):
         ("dit-small", dict(sample_size=8, num_layers=2), 8),  # unconditional DiT
     ],
 )
-def test_every_preset_runs_forward(preset, overrides, size):
-    d = create_denoiser(preset, **overrides)
+def test_every_arch_runs_forward(arch, overrides, size):
+    d = create_denoiser(arch, **overrides)
     cfg = d.config
     b = 2
     cond = Conditioning(
@@ -97,10 +97,10 @@ def test_backbone_choice_follows_conditioning():
 # ---- forward conventions ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["unet-tiny", "dit-small"])
-def test_masked_text_tokens_are_ignored(preset):
-    kw = dict(sample_size=8, num_layers=1) if preset == "dit-small" else {}
-    d = create_denoiser(preset, text_dim=16, **kw).eval()
+@pytest.mark.parametrize("arch", ["unet-tiny", "dit-small"])
+def test_masked_text_tokens_are_ignored(arch):
+    kw = dict(sample_size=8, num_layers=1) if arch == "dit-small" else {}
+    d = create_denoiser(arch, text_dim=16, **kw).eval()
     text, mask = _text(dim=16)
     x, size = _randn(2, 3, 8, 8), 8
     assert x.shape[-1] == size
@@ -169,11 +169,11 @@ def test_condition_errors_are_user_errors():
         t(x, 1, Conditioning(text=_randn(1, 2, 9)))
 
 
-def test_unknown_preset_and_option():
+def test_unknown_arch_and_option():
     with pytest.raises(UserError) as e:
         create_denoiser("unet-huge")
     msg = str(e.value)
-    assert "unet-huge" in msg and all(p in msg for p in list_presets())
+    assert "unet-huge" in msg and all(p in msg for p in list_architectures())
     with pytest.raises(UserError, match="valid options:.*text_dim"):
         create_denoiser("unet-tiny", txt_dim=384)
     with pytest.raises(UserError, match="norm_num_groups"):
@@ -184,15 +184,15 @@ def test_unknown_preset_and_option():
 
 
 @pytest.mark.parametrize(
-    "preset,overrides",
+    "arch,overrides",
     [
         ("unet-tiny", dict(text_dim=16, cond_channels=2, num_classes=3, learned_variance=True)),
         ("dit-small", dict(num_classes=3, sample_size=8, num_layers=1, cond_channels=1)),
         ("dit-small", dict(text_dim=16, sample_size=8, num_layers=1)),
     ],
 )
-def test_save_load_round_trip(tmp_path, preset, overrides):
-    d = create_denoiser(preset, **overrides).eval()
+def test_save_load_round_trip(tmp_path, arch, overrides):
+    d = create_denoiser(arch, **overrides).eval()
     cfg = d.config
     text, mask = _text(dim=16)
     cond = Conditioning(
@@ -208,7 +208,7 @@ def test_save_load_round_trip(tmp_path, preset, overrides):
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name != "ckpt"]  # no temp dirs left behind
     saved = json.loads((target / "config.json").read_text())
-    assert saved["preset"] == preset and saved["backbone_class"] == cfg.backbone_class
+    assert saved["arch"] == arch and saved["backbone_class"] == cfg.backbone_class
 
     loaded = Denoiser.from_pretrained(target).eval()
     assert loaded.config == cfg
@@ -252,3 +252,23 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_checkpoint_from_before_arch_and_image_first_loads_unchanged(tmp_path):
+    """A config.json written before the rename says ``preset`` and has no ``image_first``: it loads
+    with the same architecture name and genperc's own order ``[x_t, image]``, and the same output."""
+    d = create_denoiser("unet-tiny", cond_channels=3, seed=0).eval()
+    d.save_pretrained(tmp_path / "c")
+    raw = json.loads((tmp_path / "c" / "config.json").read_text())
+    raw["preset"] = raw.pop("arch")
+    del raw["image_first"]
+    (tmp_path / "c" / "config.json").write_text(json.dumps(raw))
+    old = Denoiser.from_pretrained(tmp_path / "c").eval()
+    assert old.config.arch == "unet-tiny" and old.config.image_first is False
+    x, image = _randn(2, 3, 8, 8, seed=1), _randn(2, 3, 8, 8, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x, 3, Conditioning(image=image)), d(x, 3, Conditioning(image=image)),
+                                   rtol=0, atol=0)
+        # the order is a real property: image-first reads the same weights differently
+        d.config.image_first = True
+        assert not torch.allclose(d(x, 3, Conditioning(image=image)), old(x, 3, Conditioning(image=image)))

@@ -176,7 +176,7 @@ def test_from_diffusers_widens_and_round_trips(tmp_path, inputs):
 
     d = Denoiser.from_diffusers(root, cond_channels=4).eval()  # InstructPix2Pix-style
     cfg = d.config
-    assert (cfg.in_channels, cfg.cond_channels, cfg.text_dim, cfg.preset) == (4, 4, TEXT_DIM, "diffusers")
+    assert (cfg.in_channels, cfg.cond_channels, cfg.text_dim, cfg.arch) == (4, 4, TEXT_DIM, "diffusers")
     assert d.backbone.config.in_channels == 8
     cond = Conditioning(text=text, image=torch.zeros_like(x))
     with torch.no_grad():
@@ -208,18 +208,26 @@ def test_from_diffusers_text_projection_and_classes(tmp_path, inputs):
         )
 
 
-def test_from_diffusers_already_wide_marigold_layout(tmp_path, inputs):
+@pytest.mark.parametrize(("widen_mode", "image_first"), [("tile", True), ("zero", False)])
+def test_from_diffusers_already_wide_layout_channel_order(tmp_path, inputs, widen_mode, image_first):
+    """A released 8-channel UNet is used as is; Marigold's (``tile``) sees ``[image, x_t]``
+    (MarigoldDepthPipeline: ``cat([image_latent, pred_latent])``), InstructPix2Pix's (``zero``)
+    ``[x_t, image]`` (StableDiffusionInstructPix2PixPipeline), and the order survives a save."""
     x, text = inputs
     unet = _tiny_unet(in_channels=8, out_channels=4)
-    root = _write_pipeline(tmp_path / "marigold", unet=unet)
-    d = Denoiser.from_diffusers(root, cond_channels=4).eval()
+    root = _write_pipeline(tmp_path / "wide", unet=unet)
+    d = Denoiser.from_diffusers(root, cond_channels=4, widen_mode=widen_mode).eval()
+    assert d.config.image_first is image_first
     torch.testing.assert_close(d.backbone.conv_in.weight, unet.conv_in.weight, rtol=0, atol=0)
     image = _randn(2, 4, 8, 8, seed=11)
+    expected_input = torch.cat([image, x] if image_first else [x, image], 1)
+    cond = Conditioning(text=text, image=image)
     with torch.no_grad():
-        torch.testing.assert_close(
-            d(x, torch.tensor([10, 700]), Conditioning(text=text, image=image)),
-            _run(unet, torch.cat([x, image], 1), text),
-        )
+        expected = _run(unet, expected_input, text)
+        torch.testing.assert_close(d(x, torch.tensor([10, 700]), cond), expected)
+        d.save_pretrained(tmp_path / "ckpt")
+        again = Denoiser.from_pretrained(tmp_path / "ckpt").eval()
+        torch.testing.assert_close(again(x, torch.tensor([10, 700]), cond), expected, rtol=0, atol=0)
     with pytest.raises(UserError, match="set cond_channels=4"):
         Denoiser.from_diffusers(root, cond_channels=0)
 
@@ -255,8 +263,11 @@ def test_latent_space_round_trip(tmp_path):
     with torch.no_grad():
         mean = space.vae.encode(images).latent_dist.mean
     torch.testing.assert_close(z, mean * 0.5)
-    out = space.decode(z)
-    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    with torch.no_grad():
+        raw = space.vae.decode(z / 0.5).sample  # x = D(z / scaling_factor)
+    assert raw.abs().max() > 1  # the tiny VAE leaves [-1, 1], so the clamp below is exercised
+    torch.testing.assert_close(space.decode(z), raw.clamp(-1, 1))
+    torch.testing.assert_close(LatentSpace(root, clamp=False).decode(z), raw)
 
     sampler = LatentSpace(root / "vae", encode_mode="sample")
     a = sampler.encode(images, generator=torch.Generator().manual_seed(1))

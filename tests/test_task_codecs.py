@@ -128,25 +128,84 @@ def test_conditioning_dropout_follows_instructpix2pix_rule():
     assert conditioning_dropout(cond, null, 0.0, torch.Generator()) is cond
 
 
+def _write_tiny_nyuv2(path, depth):
+    """A labeled-set .mat (HDF5, column-major) with the given depth frames [N, H, W]."""
+    import h5py
+    import numpy as np
+
+    n, h, w = depth.shape
+    with h5py.File(path, "w") as f:
+        f["images"] = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8).transpose(0, 3, 2, 1)
+        f["depths"] = depth.astype(np.float32).transpose(0, 2, 1)
+    return path
+
+
 def test_depth_task_on_a_tiny_nyuv2_file(tmp_path):
     """The real-format path: NYUv2's .mat (HDF5, column-major), invalid and out-of-range depth."""
-    import h5py
     import numpy as np
 
     from genperc.data.formats.nyuv2 import NYUv2Source
 
-    rng = np.random.default_rng(0)
-    depth = rng.uniform(0.5, 9.0, (2, 8, 8)).astype(np.float32)
+    depth = np.random.default_rng(0).uniform(0.5, 9.0, (2, 8, 8))
     depth[:, 0, 0], depth[:, 0, 1] = 0.0, 12.0  # missing, beyond NYUv2's 10 m
-    with h5py.File(tmp_path / "nyu.mat", "w") as f:
-        f["images"] = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8).transpose(0, 3, 2, 1)
-        f["depths"] = depth.transpose(0, 2, 1)
-    task = create_task("depth", max_depth=10.0)
-    ds = task.dataset(NYUv2Source(tmp_path / "nyu.mat", split="all"), 8)
+    mat = _write_tiny_nyuv2(tmp_path / "nyu.mat", depth)
+    task = create_task("depth")
+    ds = task.dataset(NYUv2Source(mat, split="all", eigen_crop=False), 8)
     batch = collate([ds[0], ds[1]])
     assert not batch["valid"][:, 0, 0, :2].any()
     tb = task.prepare(batch)
     assert torch.all(tb.x0[:, :, 0, 0] == 1)  # invalid pixels → the far end of the target
+    # ... and out of the loss: the mask is 0 exactly at the missing and the > 10 m pixel
+    expected_mask = torch.ones(2, 1, 8, 8)
+    expected_mask[:, :, 0, :2] = 0
+    assert tb.loss_mask.dtype == torch.float32
+    torch.testing.assert_close(tb.loss_mask, expected_mask, rtol=0, atol=0)
     m = task.metrics(task.decode(tb.x0), batch)
     # the 2%/98% clip of the target costs a little accuracy at the extremes, nothing more
     assert torch.all(m["AbsRel"] < 0.05) and torch.all(m["delta1"] > 0.9)
+
+
+@pytest.mark.parametrize("task_name", ["depth", "generalist"])
+def test_depth_range_comes_from_the_nyuv2_source_unless_set(tmp_path, task_name):
+    """Ground truth [1, 9.9, 9.9], prediction [0, 1, 2]: least squares gives s = 4.45, b = 2.4833,
+    aligned [2.4833, 6.9333, 11.3833]; NYUv2's 10 m clips the last to 10 (the old default 100 did
+    not): AbsRel = (1.4833/1 + 2.9667/9.9 + 0.1/9.9)/3."""
+    import numpy as np
+
+    from genperc.data.formats.nyuv2 import NYUv2Source
+
+    source = NYUv2Source(_write_tiny_nyuv2(tmp_path / "nyu.mat", np.array([[[1.0, 9.9, 9.9]]])), split="all",
+                         eigen_crop=False)
+    options = {"subtasks": ["depth"]} if task_name == "generalist" else {}
+    task = create_task(task_name, **options)
+    assert task.depth_range.as_list() == [1e-3, 100.0]  # no source seen yet: the default
+    ds = task.dataset(source, None)
+    assert task.depth_range.as_list() == [1e-3, 10.0] and task.settings()["depth_range_from"] == "data source"
+    pred = torch.tensor([0.0, 1.0, 2.0]).view(1, 1, 1, 3)
+    batch = collate([ds[0]])
+    if task_name == "generalist":
+        pred = [{"subtask": "depth", "depth": pred[0]}]
+    abs_rel = task.metrics(pred, batch)["AbsRel"][0]
+    s, b = 4.45, 6.9333333 - 4.45
+    expected = (abs(b - 1) / 1 + abs(s + b - 9.9) / 9.9 + abs(10 - 9.9) / 9.9) / 3
+    assert float(abs_rel) == pytest.approx(expected, rel=1e-5)
+
+    explicit = create_task(task_name, max_depth=50.0, **options)
+    explicit.dataset(source, None)
+    assert explicit.depth_range.as_list() == [1e-3, 50.0]
+    with pytest.raises(UserError, match="min_depth < max_depth"):
+        create_task(task_name, min_depth=20.0, **options).dataset(source, None)
+
+
+def test_generalist_loss_mask_masks_invalid_depth_of_depth_items_only():
+    task = create_task("generalist")
+    batch, _ = batch_of(task, n=100, size=1)
+    batch["valid"][:, :, 2:5, 3] = False  # invalid depth in every item's record
+    tb = task.prepare(batch)
+    assert tb.loss_mask.shape == (len(batch["subtask"]), 1, 16, 16)
+    for i, sub in enumerate(batch["subtask"]):
+        expected = torch.ones(1, 16, 16)
+        if sub == "depth":
+            expected[:, 2:5, 3] = 0
+        torch.testing.assert_close(tb.loss_mask[i], expected, rtol=0, atol=0)
+    assert batch["subtask"].count("depth") == 1 and len(batch["subtask"]) > 1

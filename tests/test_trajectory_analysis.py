@@ -14,7 +14,7 @@ from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.errors import UserError
 from genperc.evaluation.trajectory import read_step_csv, step_metrics, write_step_csv, write_step_metrics
 from genperc.models.latent import PixelSpace
-from genperc.models.presets import create_denoiser
+from genperc.models.registry import create_denoiser
 from genperc.tasks.referring import ReferringTask
 
 SCHED = NoiseSchedule(DiffusionConfig(prediction_type="x0", timestep_spacing="trailing"))

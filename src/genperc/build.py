@@ -43,9 +43,9 @@ def build_text_encoder(cfg: RunConfig, task: Task):
 
 
 def build_model(cfg: RunConfig, task: Task, space, text_encoder):
-    """A fresh denoiser from the preset, or a pretrained local diffusers UNet widened for the task."""
+    """A fresh denoiser of the registered architecture ``model.arch``, or a pretrained local diffusers UNet widened for the task."""
     from genperc.models.denoiser import Denoiser
-    from genperc.models.presets import create_denoiser
+    from genperc.models.registry import create_denoiser
 
     target_ch = space.channels(task.target_channels)
     cond_ch = space.channels(task.cond_channels) if task.cond_channels else 0
@@ -55,7 +55,7 @@ def build_model(cfg: RunConfig, task: Task, space, text_encoder):
         return Denoiser.from_diffusers(cfg.model.pretrained, cond_channels=cond_ch, text_dim=text_dim,
                                        widen_mode=getattr(task, "widen_mode", "zero"))
     return create_denoiser(
-        cfg.model.preset,
+        cfg.model.arch,
         sample_size=size,
         in_channels=target_ch,
         cond_channels=cond_ch,

@@ -42,7 +42,7 @@ def _mount_subapps() -> None:
     app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep).")
 
 
-OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.preset=unet-small"
+OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.arch=unet-small"
 
 
 @app.command()

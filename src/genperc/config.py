@@ -2,7 +2,7 @@
 
 A run is described by one :class:`RunConfig`. Presets are YAML files in ``genperc/configs/``
 (``genperc presets`` lists them); a user's own YAML file works the same way. Command-line
-overrides use dotted keys (``train.lr=3e-4 model.preset=unet-small``); values are parsed as YAML
+overrides use dotted keys (``train.lr=3e-4 model.arch=unet-small``); values are parsed as YAML
 and checked against the field's type. An unknown key is a :class:`~genperc.errors.UserError`
 that lists the valid keys. The resolved config is saved next to every checkpoint, so a run
 directory describes itself (DESIGN.md, "Checkpoints describe themselves").
@@ -14,6 +14,7 @@ import dataclasses
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +28,9 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class ModelConfig:
-    """Which denoiser to build (``genperc.models.presets``) and from what."""
+    """Which denoiser to build (``arch``: an architecture of ``genperc.models.registry``) and from what."""
 
-    preset: str = "unet-tiny"
+    arch: str = "unet-tiny"
     sample_size: int = 32
     pretrained: str | None = None  # local diffusers directory (SD / InstructPix2Pix / Marigold)
     vae: str | None = None  # local AutoencoderKL directory → latent space; None = pixel space
@@ -121,10 +122,28 @@ def valid_keys(cls=RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys renamed since configs were first saved: (section class, old name) → new name. A run
+# directory's config.yaml written before the rename still loads, with a one-line warning.
+RENAMED_KEYS = {("ModelConfig", "preset"): "arch"}
+
+
+def _renamed(cls, data: dict, where: str) -> dict:
+    out = {}
+    for key, value in data.items():
+        new = RENAMED_KEYS.get((cls.__name__, key))
+        if new is not None and new not in data:
+            warnings.warn(f"config key '{where}{key}' is now '{where}{new}'; read as {where}{new}={value}",
+                          FutureWarning, stacklevel=4)
+            key = new
+        out[key] = value
+    return out
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from a (possibly partial) nested dict, checking keys and types."""
     if not isinstance(data, dict):
         raise UserError(f"config section '{where or 'top'}' must be a mapping, got {type(data).__name__}")
+    data = _renamed(cls, data, where)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -218,7 +237,7 @@ def load_preset_dict(name_or_path: str) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.lr=3e-4", "model.preset=unet-small"]`` → nested dict (values parsed as YAML)."""
+    """``["train.lr=3e-4", "model.arch=unet-small"]`` → nested dict (values parsed as YAML)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:

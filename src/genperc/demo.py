@@ -184,7 +184,7 @@ def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: l
     # 2. training (a fresh run every time: an old run's checkpoints would be taken for this one's)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    _log(f"training {cfg.model.preset} for {cfg.task} on {cfg.data.source} {cfg.data.resolution}x{cfg.data.resolution} "
+    _log(f"training {cfg.model.arch} for {cfg.task} on {cfg.data.source} {cfg.data.resolution}x{cfg.data.resolution} "
          f"for {minutes:g} min")
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir)  # timestep strategy (ADDP §3.1) from train.timesteps/contributions

@@ -105,12 +105,16 @@ def _sample_cfg(run: LoadedRun, steps=None, sampler=None, batch_size=None, text_
 
 def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, ensemble: int = 1,
                  limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None, image_scale=None,
-                 out: str | Path | None = None, progress: bool = False, keep: int = 0):
+                 out: str | Path | None = None, progress: bool = False, keep: int = 0,
+                 resolution: str | None = None):
     """Evaluate a loaded run on a split of its data; write ``metrics.json`` and ``samples.csv``
-    into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`."""
+    into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`.
+    ``resolution``: "model" (default) or "ground-truth" (Marigold's protocol, depth only)."""
     from genperc.data.sources import open_scene_source
-    from genperc.evaluation.evaluate import evaluate
+    from genperc.evaluation.evaluate import check_resolution, evaluate
 
+    if resolution is not None:
+        run.task.evaluation_resolution = check_resolution(resolution)
     sample_cfg = _sample_cfg(run, steps, sampler, batch_size, text_scale, image_scale)
     source = open_scene_source(run.cfg.data, split)
     dataset = run.task.dataset(source, run.cfg.data.resolution)
@@ -202,7 +206,7 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
                   text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
     """``genperc predict``: read the image, predict, write the task's files, the generated target
     image and ``<stem>.json`` (what was done) into ``out``. Returns (paths, notes)."""
-    from genperc import images as V
+    from genperc.images import save_rgb, to_uint8, upscale
 
     image, notes = load_image(image_path)
     pred, generated, more = predict(run, image, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble,
@@ -211,7 +215,7 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = run.task.export(pred, out, image, stem=stem)
-    paths.append(V.save_rgb(V.upscale(V.to_uint8(generated), 256), out / f"{stem}_generated.png"))
+    paths.append(save_rgb(upscale(to_uint8(generated), 256), out / f"{stem}_generated.png"))
     info = {"image": str(image_path), "prompt": prompt, "task": run.task.name, "run": str(run.run_dir),
             "checkpoint": str(run.checkpoint), "weights": run.weights, "seed": seed, "ensemble": ensemble,
             "sampler": sampler or run.cfg.sample.sampler, "steps": steps or run.cfg.sample.steps,

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from genperc.data.record import SceneRecord
-from genperc.data.transforms import plan_resize
+from genperc.data.transforms import ResizePlan, plan_resize
 from genperc.errors import UserError
 
 #: keys whose values differ in size between items: collated as lists, never stacked
@@ -122,16 +122,20 @@ class DepthDataset(SceneDataset):
     ``depth_resize="masked_average"`` (default) averages only valid pixels and marks an output
     pixel valid when at least ``valid_threshold`` of its filter weight is valid; ``"nearest"``
     samples at pixel centres. A record without ``depth_valid`` counts finite, positive depth valid.
+    ``ground_truth=True`` also gives ``gt_depth`` / ``gt_valid`` [1, h, w]: the same crop at the
+    record's own resolution, for evaluation at the ground truth's resolution (Marigold's protocol).
     """
 
     def __init__(self, source, resolution=None, fit: str = "stretch",
-                 depth_resize: str = "masked_average", valid_threshold: float = 0.5):
+                 depth_resize: str = "masked_average", valid_threshold: float = 0.5,
+                 ground_truth: bool = False):
         super().__init__(source, resolution, fit)
         if depth_resize not in ("masked_average", "nearest"):
             raise UserError(f"unknown depth_resize '{depth_resize}'",
                             "use 'masked_average' or 'nearest'")
         self.depth_resize = depth_resize
         self.valid_threshold = float(valid_threshold)
+        self.ground_truth = bool(ground_truth)
 
     def _targets(self, record_index, record, plan):
         if record.depth is None:
@@ -141,7 +145,13 @@ class DepthDataset(SceneDataset):
         valid = (np.asarray(record.depth_valid, dtype=bool) if record.depth_valid is not None
                  else np.isfinite(depth) & (depth > 0))
         d, v = plan.depth(depth, valid, self.depth_resize, self.valid_threshold)
-        return {"depth": torch.from_numpy(d)[None], "valid": torch.from_numpy(v)[None]}
+        out = {"depth": torch.from_numpy(d)[None], "valid": torch.from_numpy(v)[None]}
+        if self.ground_truth:
+            x0, y0, x1, y1 = plan.crop
+            native = ResizePlan(plan.in_hw, plan.crop, (y1 - y0, x1 - x0))
+            gd, gv = native.depth(depth, valid)
+            out.update({"gt_depth": torch.from_numpy(gd)[None], "gt_valid": torch.from_numpy(gv)[None]})
+        return out
 
 
 class SemanticDataset(SceneDataset):

@@ -47,12 +47,12 @@ class EvalResult:
 
 
 def make_guidance(task, text_scale: float, image_scale: float):
-    from genperc.diffusion import guidance as G
+    from genperc.diffusion.guidance import ClassifierFreeGuidance, InstructPix2PixGuidance
 
     if task.uses_text and task.cond_channels and (text_scale != 1 or image_scale != 1):
-        return G.InstructPix2PixGuidance(text_scale=text_scale, image_scale=image_scale)
+        return InstructPix2PixGuidance(text_scale=text_scale, image_scale=image_scale)
     if task.uses_text and text_scale != 1:
-        return G.ClassifierFreeGuidance(text_scale)
+        return ClassifierFreeGuidance(text_scale)
     return None
 
 
@@ -60,8 +60,10 @@ def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg
                    ensemble: int = 1) -> list[torch.Tensor]:
     """Generate ``ensemble`` target images per item of a TaskBatch, in one sampler call.
 
-    Returns a list of ``ensemble`` tensors [B, C, H, W] in [-1, 1] on the CPU. The noise of member e
-    is rows e·B … (e+1)·B of one draw from ``generator`` (so ``ensemble=1`` draws exactly [B, …])."""
+    Returns a list of ``ensemble`` tensors [B, C, H, W] on the CPU, clamped to [-1, 1] unless the
+    task clamps after its own decoding (``task.clamps_own_decode``, depth: Marigold's order). The
+    noise of member e is rows e·B … (e+1)·B of one draw from ``generator`` (so ``ensemble=1`` draws
+    exactly [B, …])."""
     from genperc.diffusion.sampler import sample
 
     if not isinstance(ensemble, int) or ensemble < 1:
@@ -76,7 +78,9 @@ def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg
     out = sample(model, noise, cond, schedule=schedule, sampler=sample_cfg.sampler, num_steps=sample_cfg.steps,
                  guidance=guidance, null_cond=null_conditioning(text_encoder, device), eta=sample_cfg.eta,
                  generator=generator)
-    x0 = space.decode(out.sample).clamp(-1, 1).float().cpu()
+    x0 = space.decode(out.sample, clamp=False).float().cpu()
+    if not getattr(task, "clamps_own_decode", False):
+        x0 = x0.clamp(-1, 1)
     return list(x0.chunk(ensemble, dim=0))
 
 
@@ -85,19 +89,40 @@ def sample_settings(sample_cfg, ensemble: int, seed: int) -> dict:
             "image_scale": sample_cfg.image_scale, "eta": sample_cfg.eta, "ensemble": ensemble, "seed": seed}
 
 
+RESOLUTIONS = ("model", "ground-truth")
+
+
+def check_resolution(resolution: str) -> str:
+    if resolution not in RESOLUTIONS:
+        raise UserError(f"unknown evaluation resolution {resolution!r}", f"use one of {', '.join(RESOLUTIONS)}")
+    return resolution
+
+
+def resolution_setting(resolution: str, dataset) -> str:
+    """The line printed with every result: where the metrics were computed."""
+    if resolution == "ground-truth":
+        return "ground truth's own (prediction upsampled bilinearly; Marigold's protocol)"
+    return f"model's ({getattr(dataset, 'resolution', None) or 'native'})"
+
+
 @torch.no_grad()
 def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg, device="cpu",
              seed: int = 0, limit: int | None = None, keep: int = 0, progress: bool = False,
-             ensemble: int = 1) -> EvalResult:
+             ensemble: int = 1, resolution: str | None = None) -> EvalResult:
     """Sample every item of ``dataset`` (or the first ``limit``) and score it with the task.
 
     ``ensemble`` > 1 generates that many targets per item from independent noise and combines them
     with ``task.decode_ensemble`` (Marigold's scale-and-shift ensemble for depth, Marigold §3.4).
+    ``resolution`` (default: ``task.evaluation_resolution``) is where the metrics are computed:
+    ``"model"`` (the dataset's resolution) or ``"ground-truth"`` (the prediction resized to the
+    ground truth's own resolution, :meth:`Task.at_ground_truth_resolution`; the dataset must be
+    built after setting ``task.evaluation_resolution = "ground-truth"``).
     ``keep`` keeps the first generated images and predictions (for figures)."""
     from genperc.data.datasets import collate
 
     if not isinstance(ensemble, int) or ensemble < 1:
         raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
+    resolution = check_resolution(resolution or task.evaluation_resolution)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be positive, got {limit}", "use e.g. --limit 100")
     model.eval()
@@ -119,7 +144,8 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
         members = sample_targets(model, task, tb, schedule=schedule, space=space, text_encoder=text_encoder,
                                  sample_cfg=sample_cfg, generator=generator, device=device, ensemble=ensemble)
         pred = task.decode(members[0], batch) if ensemble == 1 else task.decode_ensemble(members, batch)
-        values = task.metrics(pred, batch)
+        scored, truth = task.at_ground_truth_resolution(pred, batch) if resolution == "ground-truth" else (pred, batch)
+        values = task.metrics(scored, truth)
         rows = task.describe(batch)
         for k, v in values.items():
             if isinstance(v, torch.Tensor):
@@ -137,5 +163,5 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
     result.per_sample = {k: torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v for k, v in per_sample.items()}
     result.summary = task.summarize(result.per_sample)
     result.settings = {**sample_settings(sample_cfg, ensemble, seed), "limit": limit, "items": n,
-                       "task": task.name, "task_settings": task.settings()}
+                       "resolution": resolution_setting(resolution, dataset), "task": task.name, "task_settings": task.settings()}
     return result

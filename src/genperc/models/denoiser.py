@@ -3,26 +3,30 @@
 ``Denoiser.forward(x_t, t, cond)`` is the only call the diffusion core, the trainer and the
 analysis code make. It hides which diffusers model sits underneath:
 
-* **UNet presets** (``unet-tiny`` / ``unet-small`` / ``unet-base``) use diffusers'
+* **UNet architectures** (``unet-tiny`` / ``unet-small`` / ``unet-base``) use diffusers'
   ``UNet2DConditionModel``. With text (``text_dim > 0``) the attention levels are cross-attention
   blocks whose key/value width is ``text_dim`` (384 for MiniLM). Without text the *same model class*
   is built with self-attention-only blocks (``AttnDownBlock2D`` / ``AttnUpBlock2D`` /
   ``UNetMidBlock2D``) and is called with ``encoder_hidden_states=None``: no dummy null token and no
   wasted cross-attention. Class labels use the UNet's own class embedding
   (``class_embed_type=None`` with ``num_class_embeds``), which is added to the timestep embedding.
-* **DiT preset** (``dit-small``, DiT-S/2 of Peebles & Xie 2023: width 384, 12 blocks, 6 heads,
+* **DiT architecture** (``dit-small``, DiT-S/2 of Peebles & Xie 2023: width 384, 12 blocks, 6 heads,
   patch 2). Without text it is diffusers' ``DiTTransformer2DModel`` (adaLN-Zero blocks,
   class-conditional). With text it is diffusers' ``PixArtTransformer2DModel`` (DiT blocks with
   adaLN-single plus cross-attention on the projected text tokens), because
   ``DiTTransformer2DModel`` has no cross-attention. PixArt has no class embedding, so a DiT with
-  both text and classes is refused; use a UNet preset for that.
+  both text and classes is refused; use a UNet architecture for that.
 * **Pretrained UNets** (Stable Diffusion, InstructPix2Pix, Marigold) come in through
   :meth:`Denoiser.from_diffusers`, see :mod:`genperc.models.pretrained`.
 
 Conventions shared by every backbone:
 
 * The image condition (Marigold / InstructPix2Pix) is concatenated to ``x_t`` on the channel axis:
-  the backbone sees ``in_channels + cond_channels`` input channels.
+  the backbone sees ``in_channels + cond_channels`` input channels. The order is a property of
+  the model (``DenoiserConfig.image_first``): InstructPix2Pix and genperc's own models take
+  ``[x_t, image]`` (Brooks et al. 2023, §3.4; diffusers' pipeline), Marigold takes
+  ``[image_latent, noisy_latent]`` (Ke et al. 2024, §3.3; diffusers' ``MarigoldDepthPipeline``), so a
+  released 8-channel Marigold UNet sees its inputs where it was trained to.
 * The null class is the extra index ``num_classes`` (the table has ``num_classes + 1`` rows), as in
   DiT's classifier-free guidance embedding. A missing ``cond.class_labels`` means "null class".
   Label dropout for guidance is the trainer's job (with its own generator); the random label
@@ -33,7 +37,7 @@ Conventions shared by every backbone:
 
 A checkpoint is ``config.json`` (this module's :class:`DenoiserConfig`, including the diffusers
 class name and config of the backbone) plus ``model.safetensors`` (the whole state dict), so a
-saved denoiser is rebuilt exactly, even if the preset tables change later.
+saved denoiser is rebuilt exactly, even if the architecture registry changes later.
 """
 
 from __future__ import annotations
@@ -63,11 +67,15 @@ class DenoiserConfig:
     """Everything needed to rebuild a :class:`Denoiser`.
 
     Conditioning fields:
-      preset:          name of the preset the architecture came from ("diffusers" for a wrapped
-                       pretrained UNet).
+      arch:            name of the registered architecture (:mod:`genperc.models.registry`) it
+                       came from ("diffusers" for a wrapped pretrained UNet); checkpoints written
+                       before the rename say ``preset``, read as ``arch``.
       sample_size:     nominal spatial size of ``x_t`` (pixels, or latent pixels in latent space).
       in_channels:     channels of the target being denoised (3 in pixel space, 4 in SD latents).
       cond_channels:   channels of the image condition concatenated on the channel axis (0 = none).
+      image_first:     concatenate ``[image, x_t]`` (Marigold) instead of ``[x_t, image]``
+                       (InstructPix2Pix, genperc's own models; the default, so checkpoints saved
+                       before this field existed load unchanged).
       out_channels:    output channels; ``None`` resolves to ``in_channels`` (×2 with
                        ``learned_variance``).
       text_dim:        width of the text token states for cross-attention (384 for MiniLM; 0 = no
@@ -76,7 +84,7 @@ class DenoiserConfig:
       learned_variance: predict the variance interpolation ``v`` as extra output channels
                        (improved DDPM).
 
-    Architecture fields (filled from the preset):
+    Architecture fields (filled from the registry):
       backbone:        "unet" or "dit".
       block_out_channels, layers_per_block, attention_levels (one bool per resolution level,
       highest resolution first), norm_num_groups, transformer_layers: UNet.
@@ -89,10 +97,11 @@ class DenoiserConfig:
       source: the directory a pretrained backbone came from.
     """
 
-    preset: str = "unet-tiny"
+    arch: str = "unet-tiny"
     sample_size: int = 32
     in_channels: int = 3
     cond_channels: int = 0
+    image_first: bool = False
     out_channels: int | None = None
     text_dim: int = 0
     num_classes: int = 0
@@ -129,6 +138,8 @@ class DenoiserConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "denoiser config") -> DenoiserConfig:
+        if "preset" in d and "arch" not in d:  # checkpoints saved before the rename
+            d = {("arch" if k == "preset" else k): v for k, v in d.items()}
         valid = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in valid]
         if unknown:
@@ -201,7 +212,7 @@ def _validate(cfg: DenoiserConfig) -> None:
         _check(
             not (cfg.text_dim and cfg.num_classes),
             "the DiT backbone takes text (PixArt cross-attention) or class labels (DiT adaLN-Zero), not both",
-            "set text_dim=0 or num_classes=0, or use a unet-* preset",
+            "set text_dim=0 or num_classes=0, or use a unet-* architecture",
         )
         _check(
             cfg.sample_size % cfg.patch_size == 0,
@@ -309,7 +320,7 @@ def _plain_config(model: nn.Module) -> dict[str, Any]:
 class Denoiser(nn.Module):
     """``forward(x_t, t, cond) -> raw output`` over a diffusers backbone; see the module docstring.
 
-    Build one with :func:`genperc.models.presets.create_denoiser`, :meth:`from_pretrained` (a genperc
+    Build one with :func:`genperc.models.registry.create_denoiser`, :meth:`from_pretrained` (a genperc
     checkpoint) or :meth:`from_diffusers` (a local Stable Diffusion-style UNet).
     """
 
@@ -423,7 +434,8 @@ class Denoiser(nn.Module):
                 f"cond.image shape {tuple(image.shape)} does not match x_t shape {tuple(x_t.shape)} in batch or size",
                 "resize the condition image to the size of x_t",
             )
-        return torch.cat([x_t, image.to(x_t.dtype)], dim=1)
+        image = image.to(x_t.dtype)
+        return torch.cat([image, x_t] if self.config.image_first else [x_t, image], dim=1)
 
     @staticmethod
     def _timesteps(t: Tensor | int | float, b: int, device: torch.device) -> Tensor:
@@ -565,6 +577,7 @@ class Denoiser(nn.Module):
         text_dim: int | None = None,
         num_classes: int | None = None,
         variant: str | None = None,
+        image_first: bool | None = None,
     ) -> Denoiser:
         """Wrap a local pretrained diffusers UNet (SD / InstructPix2Pix / Marigold layout).
 
@@ -572,7 +585,10 @@ class Denoiser(nn.Module):
         condition adds ``cond_channels``. If the UNet's ``conv_in`` is narrower than
         ``in_channels + cond_channels`` it is widened with :func:`widen_conv_in` (``"zero"``:
         InstructPix2Pix; ``"tile"``: Marigold); if it already has that width (a released
-        InstructPix2Pix or Marigold UNet) it is used as is. ``text_dim`` (default: the UNet's
+        InstructPix2Pix or Marigold UNet) it is used as is. ``image_first`` (default: ``True`` for
+        the Marigold widening ``"tile"``, ``False`` for ``"zero"``) is the channel order of the
+        concatenation, ``[image, x_t]`` for Marigold, ``[x_t, image]`` for InstructPix2Pix (see the
+        module docstring). ``text_dim`` (default: the UNet's
         ``cross_attention_dim``) different from the UNet's adds a trainable linear projection of the
         text states (diffusers' ``encoder_hid_dim_type="text_proj"``), e.g. MiniLM (384) into SD
         (768). ``num_classes`` (default: the UNet's own, usually none) adds a zero-initialised class
@@ -626,10 +642,11 @@ class Denoiser(nn.Module):
             add_class_embedding(unet, num_classes + 1)
         levels = tuple("Attn" in bt for bt in c.down_block_types)
         config = DenoiserConfig(
-            preset="diffusers",
+            arch="diffusers",
             sample_size=int(c.sample_size) if isinstance(c.sample_size, int) else int(c.sample_size[0]),
             in_channels=target,
             cond_channels=int(cond_channels),
+            image_first=(widen_mode == "tile") if image_first is None else bool(image_first),
             out_channels=int(c.out_channels),
             text_dim=int(text_dim),
             num_classes=int(num_classes),

@@ -40,7 +40,9 @@ class ImageSpace(Protocol):
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
-    def decode(self, z: Tensor) -> Tensor: ...
+    def decode(self, z: Tensor, clamp: bool | None = None) -> Tensor:
+        """Denoiser space -> images; ``clamp`` to [-1, 1] (None: the space's own default)."""
+        ...
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ImageSpace: ...
 
@@ -62,8 +64,8 @@ class PixelSpace:
             raise UserError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}", "pass a 4-D NCHW batch")
         return images
 
-    def decode(self, z: Tensor) -> Tensor:
-        return z
+    def decode(self, z: Tensor, clamp: bool | None = None) -> Tensor:
+        return z.clamp(-1, 1) if clamp else z
 
     def to(self, device=None, dtype=None) -> PixelSpace:
         return self
@@ -147,8 +149,8 @@ class LatentSpace:
         return ((z - self.shift_factor) * self.scaling_factor).to(device=images.device, dtype=images.dtype)
 
     @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        """Scaled latents -> images in [-1, 1]."""
+    def decode(self, z: Tensor, clamp: bool | None = None) -> Tensor:
+        """Scaled latents -> images, clamped to [-1, 1] if ``clamp`` (None: ``self.clamp``)."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise UserError(
                 f"latents must be [B, {self.latent_channels}, h, w], got {tuple(z.shape)}",
@@ -156,7 +158,7 @@ class LatentSpace:
             )
         x = self.vae.decode(z.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor).sample
         x = x.to(device=z.device, dtype=z.dtype)
-        return x.clamp(-1, 1) if self.clamp else x
+        return x.clamp(-1, 1) if (self.clamp if clamp is None else clamp) else x
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from genperc.errors import UserError
+
 
 @dataclass
 class TaskBatch:
@@ -24,6 +26,10 @@ class TaskBatch:
     texts: list[str] | None = None  # prompts / expressions (cross-attention)
     class_labels: Tensor | None = None  # [B] long
     extras: dict = field(default_factory=dict)  # task-specific tensors for augment (mask, valid, ...)
+    # [B, 1, H, W] float at x0's pixel resolution, 1 where the pixel counts in the loss, 0 where it
+    # does not (invalid depth, Marigold); None = every pixel counts. The diffusion objective averages
+    # the squared error over the counted pixels (min-pooled to the latent grid in latent space).
+    loss_mask: Tensor | None = None
 
 
 class Task:
@@ -35,8 +41,12 @@ class Task:
     uses_text: ClassVar[bool] = True
     needs_prompt: ClassVar[bool] = True  # prediction needs a user prompt (referring expression, instruction)
     main_metric: ClassVar[str] = ""
+    # decode() receives the generated image unclamped and clamps after its own reduction (Marigold:
+    # channel mean, then clip); otherwise the image is clamped to [-1, 1] per channel first
+    clamps_own_decode: ClassVar[bool] = False
     widen_mode: ClassVar[str] = "zero"  # pretrained conv_in widening for the condition: zero (IP2P) | tile (Marigold)
     augment_intensity: float = 0.0  # ADDP §3.2 intensity multiplier (set from train.augment)
+    evaluation_resolution: str = "model"  # "model" | "ground-truth": where metrics are computed
     num_train_timesteps: int = 1000  # T, to turn t into the augmentation strength t/T
 
     def dataset(self, source, resolution: int):
@@ -75,6 +85,13 @@ class Task:
     def summarize(self, per_sample: dict[str, Tensor | list]) -> dict[str, float]:
         """Aggregate per-sample values over a split (default: the mean of each 1-d tensor)."""
         return {k: float(v.float().mean()) for k, v in per_sample.items() if isinstance(v, Tensor) and v.ndim == 1}
+
+    def at_ground_truth_resolution(self, prediction: Any, batch: dict) -> tuple[Any, dict]:
+        """The prediction resized to the ground truth's own resolution and the batch whose ground
+        truth is that full-resolution one, for :meth:`metrics` (Marigold's evaluation protocol).
+        Tasks whose dataset keeps no full-resolution ground truth do not offer it."""
+        raise UserError(f"the {self.name} task has no evaluation at the ground truth's resolution",
+                        "evaluate at the model's resolution")
 
     def settings(self) -> dict:
         """The evaluation settings printed with every result (thresholds, alignment, resolution)."""

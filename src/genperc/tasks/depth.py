@@ -2,8 +2,9 @@
 
 * **Target**: per-sample normalisation of the valid depth by its 2% and 98% percentiles,
   d̃ = clip((d − q2)/(q98 − q2)·2 − 1, −1, 1), replicated to 3 channels (Marigold §3.2). Invalid
-  pixels are set to +1 (the far end): the one trainer has no masked loss, so they are part of the
-  target (with the shapes world every pixel is valid). ``space="disparity"`` normalises 1/d instead
+  pixels hold +1 (the far end) in the target but are left out of the loss: the task batch's
+  ``loss_mask`` is the valid mask, as in Marigold's training (with the shapes world every pixel
+  is valid). ``space="disparity"`` normalises 1/d instead
   (and evaluates with disparity alignment) — for models that predict affine-invariant disparity.
 * **Conditions**: the RGB image, concatenated to the noisy target (a pretrained ``conv_in`` is
   widened by tiling ×0.5, Marigold §3.3); the text is Marigold's null prompt "" (with
@@ -11,11 +12,12 @@
   Diffusion UNet needs its CLIP text encoder, ``model.text_encoder=<dir>``).
 * **Parameterisation**: the CPU presets use x0-prediction (the one ADDP recommends with its
   augmentation, ADDP §3.2); Marigold uses v-prediction — ``diffusion.prediction_type=v``.
-* **Decode**: the channel mean, an affine-invariant depth in [−1, 1] (near = −1).
+* **Decode**: the channel mean of the unclamped generated image, clipped to [−1, 1] (Marigold's
+  order), an affine-invariant depth (near = −1).
 * **Test-time ensemble** (Marigold §3.4): each of N members gets its own scale and shift;
-  minimise the RMS of all pairwise differences of the aligned members plus
-  0.02·(|min m| + |1 − max m|) on their per-pixel median m (members mapped to [0, 1] first and
-  initialised to span [0, 1]), by L-BFGS; the result is the median, renormalised to [0, 1].
+  minimise the sum over member pairs of their RMSE plus 0.02·(|min m| + |1 − max m|) on their
+  per-pixel median m (members initialised to span [0, 1]), by Marigold's early-stopped BFGS; the
+  result is the median, renormalised to [0, 1].
 * **Metrics** (Marigold's evaluation): :func:`genperc.metrics.depth_metrics` — LSQ scale
   and shift over valid pixels, clip to ``[min_depth, max_depth]`` and ≥ 1e-6, AbsRel, SqRel,
   RMSE, RMSE-log, log10, δ1–3 (strict), SIlog, per image then averaged.
@@ -28,10 +30,11 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from genperc import metrics as M
 from genperc.errors import UserError
+from genperc.metrics import depth_metrics
 from genperc.tasks.base import Task, TaskBatch
 
 
@@ -54,76 +57,130 @@ def normalise_depth(depth: Tensor, valid: Tensor, low: float = 0.02, high: float
     return out
 
 
-def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50) -> Tensor:
+DEFAULT_DEPTH_RANGE = (1e-3, 100.0)
+
+
+class DepthRange:
+    """The valid depth range [m] that metrics clip aligned predictions to (Marigold's evaluation).
+
+    A value set by the user (``task_options.min_depth`` / ``max_depth``) wins; an unset one comes
+    from the data source's ``depth_range`` (NYUv2: (1e-3, 10) m) when a dataset is built over it
+    (:meth:`adopt`), else from :data:`DEFAULT_DEPTH_RANGE`."""
+
+    def __init__(self, min_depth: float | None = None, max_depth: float | None = None):
+        self.requested = (min_depth, max_depth)
+        self.adopt(None)
+
+    def adopt(self, source) -> None:
+        """Take the unset bounds from ``source.depth_range`` (or the defaults if it has none)."""
+        source_range = getattr(source, "depth_range", None)
+        fallback = source_range or DEFAULT_DEPTH_RANGE
+        low, high = (float(fallback[k] if asked is None else asked) for k, asked in enumerate(self.requested))
+        if not 0 < low < high:
+            raise UserError(f"depth task: need 0 < min_depth < max_depth, got {low}, {high}",
+                            "set task_options.min_depth / max_depth to the data set's valid range")
+        self.min_depth, self.max_depth = low, high
+        if None not in self.requested:
+            self.origin = "task_options"
+        else:
+            self.origin = "data source" if source_range else "default"
+
+    def as_list(self) -> list[float]:
+        return [self.min_depth, self.max_depth]
+
+
+def ensemble_objective(aligned: Tensor, reg: float = 0.02) -> float:
+    """Marigold's ensemble cost (Ke et al. 2024, §3.4; ``ensemble.py`` of prs-eth/Marigold and
+    diffusers' ``MarigoldDepthPipeline.ensemble_depth``) of aligned members ``aligned`` [N, P]:
+
+        Σ_{i<j} RMSE(a_i, a_j) + reg · (|min m| + |1 − max m|),   m = per-pixel median of the a_i.
+
+    One RMSE per pair, summed over the C(N, 2) pairs (not one RMSE over the pooled pairs, which
+    weighs the regulariser ~C(N, 2) times more). Each term is evaluated in ``aligned``'s dtype and
+    accumulated in double, as Marigold does."""
+    n = aligned.shape[0]
+    first, second = torch.triu_indices(n, n, offset=1)
+    pair_rmse = (aligned[first] - aligned[second]).pow(2).mean(1).sqrt()
+    median = aligned.median(0).values
+    return float(pair_rmse.double().sum()) + reg * (float(median.min().abs()) + float((1 - median.max()).abs()))
+
+
+def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50, tol: float = 1e-6) -> Tensor:
     """Marigold's test-time ensemble of affine-invariant predictions ``members`` [N, H, W] (any
-    range) → [H, W] in [0, 1] (see the module docstring). N = 1 returns the member normalised."""
-    x = members.double()
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
+    range) → [H, W] in [0, 1] (Ke et al. 2024, §3.4).
+
+    Each member gets a scale s_i and shift t_i, initialised so that it spans [0, 1]; they minimise
+    :func:`ensemble_objective` by scipy's BFGS with finite-difference gradients of the float32 cost,
+    at most ``max_iter`` iterations, tolerance ``tol`` (Marigold's optimiser and its repository's
+    defaults 50 / 1e-6; diffusers' pipeline defaults to 2 / 1e-3). The result is the per-pixel
+    median of the aligned members, renormalised to [0, 1]. This early-stopped local search is part
+    of the method: the objective's global minimum is the degenerate s = 0 (all members one flat
+    value in [0, 1], cost ``reg``), which a converged optimiser reaches for members that are not
+    exact affine copies. Open choice: Marigold first resizes members
+    whose long side exceeds 1024 px (nearest) for the fit; here the fit uses every pixel. N = 1
+    returns the member normalised."""
+    import scipy.optimize
+
+    n = members.shape[0]
+    flat = members.reshape(n, -1).float()
     lo, hi = flat.min(1).values, flat.max(1).values
-    scale0 = 1.0 / (hi - lo).clamp_min(1e-8)
-    if n == 1:
-        return ((x[0] - lo[0]) * scale0[0]).float()
-    s = scale0.clone().requires_grad_(True)
-    t = (-lo * scale0).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([s, t], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-    iu = torch.triu_indices(n, n, offset=1)
+    scale0 = 1.0 / (hi - lo).clamp_min(1e-6)
+    start = torch.cat([scale0, -lo * scale0]).double().numpy()
 
-    def objective():
-        aligned = flat * s[:, None] + t[:, None]
-        diffs = aligned[iu[0]] - aligned[iu[1]]
-        pairwise = (diffs.pow(2).mean() + 1e-12).sqrt()  # eps: finite gradient when members agree
-        m = aligned.median(0).values
-        return pairwise + reg * (m.min().abs() + (1 - m.max()).abs())
+    def align(params) -> Tensor:
+        scale_shift = torch.from_numpy(params).float()
+        return flat * scale_shift[:n, None] + scale_shift[n:, None]
 
-    def closure():
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        if not (torch.isfinite(s).all() and torch.isfinite(t).all()):  # optimiser failure: start values
-            s, t = scale0, -lo * scale0
-        m = (flat * s[:, None] + t[:, None]).median(0).values
-        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
-    return m.reshape(x.shape[1:]).float()
+    if n > 1:
+        fit = scipy.optimize.minimize(lambda p: ensemble_objective(align(p), reg), start, method="BFGS", tol=tol,
+                                      options={"maxiter": max_iter})
+        params = fit.x if np.isfinite(fit.x).all() else start
+    else:
+        params = start
+    m = align(params).median(0).values
+    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
+    return m.reshape(members.shape[1:])
 
 
 class DepthTask(Task):
     name: ClassVar[str] = "depth"
     main_metric: ClassVar[str] = "AbsRel"
     needs_prompt: ClassVar[bool] = False
+    clamps_own_decode: ClassVar[bool] = True
     widen_mode: ClassVar[str] = "tile"  # Marigold: a pretrained conv_in tiled over image + depth, ×0.5
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 100.0, space: str = "depth",
+    def __init__(self, min_depth: float | None = None, max_depth: float | None = None, space: str = "depth",
                  percentiles: tuple[float, float] | list = (0.02, 0.98), ensemble_reg: float = 0.02):
         if space not in ("depth", "disparity"):
             raise UserError(f"depth task: space={space!r} is not valid", "use task_options.space=depth or disparity")
-        if not 0 < float(min_depth) < float(max_depth):
-            raise UserError(f"depth task: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}",
-                            "set task_options.min_depth / max_depth to the data set's valid range")
-        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.depth_range = DepthRange(min_depth, max_depth)
         self.space = space
         self.percentiles = (float(percentiles[0]), float(percentiles[1]))
         self.ensemble_reg = float(ensemble_reg)
 
+    @property
+    def min_depth(self) -> float:
+        return self.depth_range.min_depth
+
+    @property
+    def max_depth(self) -> float:
+        return self.depth_range.max_depth
+
     def dataset(self, source, resolution: int):
         from genperc.data.datasets import DepthDataset
 
-        return DepthDataset(source, resolution=resolution)
+        self.depth_range.adopt(source)
+        return DepthDataset(source, resolution=resolution, ground_truth=self.evaluation_resolution == "ground-truth")
 
     def encode_target(self, depth: Tensor, valid: Tensor) -> Tensor:
         d = normalise_depth(depth, valid, *self.percentiles, space=self.space)
         return d.expand(-1, 3, -1, -1).contiguous()
 
     def prepare(self, batch: dict) -> TaskBatch:
-        image = batch["image"]
-        return TaskBatch(x0=self.encode_target(batch["depth"], batch["valid"]).to(image.device), image=image,
-                         texts=[""] * image.shape[0], extras={"valid": batch["valid"]})
+        image, valid = batch["image"], batch["valid"]
+        return TaskBatch(x0=self.encode_target(batch["depth"], valid).to(image.device), image=image,
+                         texts=[""] * image.shape[0], extras={"valid": valid},
+                         loss_mask=valid.to(device=image.device, dtype=torch.float32))
 
     def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """ADDP §3.2 diffusion-tailored augmentation (``genperc.tasks.augment``); identity at intensity 0."""
@@ -135,8 +192,9 @@ class DepthTask(Task):
         return TaskBatch(x0=torch.zeros_like(image), image=image, texts=[""] * image.shape[0]), {}
 
     def decode(self, x0: Tensor, batch: dict | None = None) -> Tensor:
-        """[B, 3, H, W] → affine-invariant depth [B, 1, H, W] (channel mean, Marigold)."""
-        return x0.float().mean(1, keepdim=True)
+        """[B, 3, H, W] → affine-invariant depth [B, 1, H, W]: the channel mean, clipped to [−1, 1]
+        (Marigold's order: the VAE's output is averaged first, then clipped)."""
+        return x0.float().mean(1, keepdim=True).clamp(-1, 1)
 
     def decode_ensemble(self, members: list[Tensor], batch: dict | None = None) -> Tensor:
         """N generated images per item → the Marigold ensemble, mapped back to [−1, 1]."""
@@ -144,13 +202,25 @@ class DepthTask(Task):
         out = [ensemble_depth(decoded[:, b, 0], reg=self.ensemble_reg) * 2 - 1 for b in range(decoded.shape[1])]
         return torch.stack(out)[:, None]
 
+    def at_ground_truth_resolution(self, prediction: Tensor, batch: dict) -> tuple[Tensor, dict]:
+        """Marigold's protocol: the affine-invariant prediction upsampled bilinearly to the ground
+        truth's own resolution (``gt_depth`` / ``gt_valid`` of a dataset built with
+        ``evaluation_resolution="ground-truth"``), then aligned and scored there."""
+        if "gt_depth" not in batch:
+            raise UserError("the depth batch has no full-resolution ground truth (gt_depth)",
+                            "set task.evaluation_resolution = 'ground-truth' before building the dataset")
+        size = batch["gt_depth"].shape[-2:]
+        upsampled = F.interpolate(prediction.float(), size=size, mode="bilinear", align_corners=False)
+        return upsampled, {**batch, "depth": batch["gt_depth"], "valid": batch["gt_valid"]}
+
     def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor]:
         # in disparity space the prediction is affine in −1/d: the least-squares scale takes the sign
-        return M.depth_metrics(prediction, batch["depth"], batch["valid"], alignment=self.space,
+        return depth_metrics(prediction, batch["depth"], batch["valid"], alignment=self.space,
                                min_depth=self.min_depth, max_depth=self.max_depth)
 
     def settings(self) -> dict:
-        return {"alignment": "least squares in " + self.space + " space", "depth_range": [self.min_depth, self.max_depth],
+        return {"alignment": "least squares in " + self.space + " space", "depth_range": self.depth_range.as_list(),
+                "depth_range_from": self.depth_range.origin,
                 "normalisation_percentiles": list(self.percentiles), "delta": "strict <",
                 "ensemble": f"Marigold (per-member scale+shift, median, reg {self.ensemble_reg:g})"}
 
@@ -158,11 +228,11 @@ class DepthTask(Task):
 
     def export(self, prediction: Tensor, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
         """16-bit PNG of the affine-invariant depth (0 = near, 65535 = far) and a colourised PNG."""
-        from genperc import images as V
+        from genperc.images import colorize_depth, resize_float, save_png16, save_rgb
 
         d = prediction.reshape(prediction.shape[-2:]).float()
         d01 = ((d + 1) / 2).clamp(0, 1)
-        d01 = V.resize_float(d01, image.shape[:2])
-        paths = [V.save_png16(d01, out_dir / f"{stem}_depth16.png"),
-                 V.save_rgb(V.colorize_depth(d01), out_dir / f"{stem}_depth_color.png")]
+        d01 = resize_float(d01, image.shape[:2])
+        paths = [save_png16(d01, out_dir / f"{stem}_depth16.png"),
+                 save_rgb(colorize_depth(d01), out_dir / f"{stem}_depth_color.png")]
         return paths

@@ -41,10 +41,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genperc import metrics as M
 from genperc.errors import UserError
+from genperc.metrics import (
+    DEPTH_METRICS,
+    coco_map50,
+    confusion_matrix,
+    depth_metrics,
+    mask_intersection_union,
+    nanmean,
+    semantic_summary,
+)
 from genperc.tasks.base import Task, TaskBatch
-from genperc.tasks.depth import ensemble_depth, normalise_depth
+from genperc.tasks.depth import DepthRange, ensemble_depth, normalise_depth
 
 SUBTASKS = ("depth", "segment", "detect")
 PROMPTS = {
@@ -218,7 +226,7 @@ class GeneralistTask(Task):
 
     def __init__(self, subtasks=SUBTASKS, classes=None, absent_classes: bool = True, phrasing="vary",
                  box_width: int | None = None, box_threshold: float = 80.0, min_box: int = 2,
-                 min_depth: float = 1e-3, max_depth: float = 100.0, segment_threshold: float = 0.5):
+                 min_depth: float | None = None, max_depth: float | None = None, segment_threshold: float = 0.5):
         self.subtasks = tuple(subtasks)
         self.classes = None if classes is None else list(classes)
         self.absent_classes = bool(absent_classes)
@@ -226,7 +234,7 @@ class GeneralistTask(Task):
         self.box_width = box_width
         self.box_threshold = float(box_threshold)
         self.min_box = int(min_box)
-        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.depth_range = DepthRange(min_depth, max_depth)
         self.segment_threshold = float(segment_threshold)
         self.categories: list[str] = []
 
@@ -234,6 +242,7 @@ class GeneralistTask(Task):
         ds = GeneralistDataset(source, resolution, subtasks=self.subtasks, classes=self.classes,
                                absent_classes=self.absent_classes, phrasing=self.phrasing)
         self.categories = ds.categories
+        self.depth_range.adopt(source)
         return ds
 
     def _width(self, h: int) -> int:
@@ -260,7 +269,15 @@ class GeneralistTask(Task):
 
     def prepare(self, batch: dict) -> TaskBatch:
         return TaskBatch(x0=self.encode_target(batch), image=batch["image"], texts=list(batch["text"]),
-                         extras={"subtask": list(batch["subtask"]), "valid": batch["valid"]})
+                         extras={"subtask": list(batch["subtask"]), "valid": batch["valid"]},
+                         loss_mask=self.loss_mask(batch))
+
+    @staticmethod
+    def loss_mask(batch: dict) -> Tensor:
+        """[B, 1, H, W]: depth items count their valid pixels only (Marigold), the others every pixel."""
+        valid = batch["valid"].to(device=batch["image"].device, dtype=torch.float32)
+        is_depth = torch.tensor([sub == "depth" for sub in batch["subtask"]], device=valid.device)
+        return torch.where(is_depth.view(-1, 1, 1, 1), valid, torch.ones_like(valid))
 
     def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
         prompts = list(prompts or [])
@@ -322,18 +339,18 @@ class GeneralistTask(Task):
     def metrics(self, prediction: list[dict], batch: dict) -> dict[str, Tensor | list]:
         n = len(prediction)
         nan = float("nan")
-        cols: dict[str, list] = {k: [nan] * n for k in (*M.DEPTH_METRICS, "IoU", "boxes_found", "boxes_true")}
+        cols: dict[str, list] = {k: [nan] * n for k in (*DEPTH_METRICS, "IoU", "boxes_found", "boxes_true")}
         seg, det = [None] * n, [None] * n
         records = [m.get("record_index", i) for i, m in enumerate(batch.get("meta", [{}] * n))]
         for i, p in enumerate(prediction):
             sub = p["subtask"]
             if sub == "depth":
-                vals = M.depth_metrics(p["depth"][None], batch["depth"][i:i + 1], batch["valid"][i:i + 1],
-                                       min_depth=self.min_depth, max_depth=self.max_depth)
-                for k in M.DEPTH_METRICS:
+                vals = depth_metrics(p["depth"][None], batch["depth"][i:i + 1], batch["valid"][i:i + 1],
+                                       min_depth=self.depth_range.min_depth, max_depth=self.depth_range.max_depth)
+                for k in DEPTH_METRICS:
                     cols[k][i] = float(vals[k][0])
             elif sub == "segment":
-                inter, union = M.mask_intersection_union(p["mask"][None], batch["mask"][i:i + 1])
+                inter, union = mask_intersection_union(p["mask"][None], batch["mask"][i:i + 1])
                 # an absent class correctly left empty has no IoU (not 0): left out of the mean
                 cols["IoU"][i] = float(inter[0] / union[0]) if union[0] > 0 else nan
                 seg[i] = {"record": int(records[i]), "class_id": int(batch["class_id"][i]),
@@ -355,20 +372,20 @@ class GeneralistTask(Task):
             out[f"{sub}/n"] = float(sum(s == sub for s in subs))
         is_depth = torch.tensor([s == "depth" for s in subs])
         if is_depth.any():
-            for k in M.DEPTH_METRICS:
-                out[f"depth/{k}"] = M.nanmean(per_sample[k][is_depth].tolist())
+            for k in DEPTH_METRICS:
+                out[f"depth/{k}"] = nanmean(per_sample[k][is_depth].tolist())
         seg = [s for s in per_sample["seg"] if s is not None]
         if seg:
             out.update({f"segment/{k}": v for k, v in self._semantic_summary(seg).items()})
             is_seg = torch.tensor([s == "segment" for s in subs])
-            out["segment/mean_item_IoU"] = M.nanmean(per_sample["IoU"][is_seg].tolist())
+            out["segment/mean_item_IoU"] = nanmean(per_sample["IoU"][is_seg].tolist())
         det = [d for d in per_sample["det"] if d is not None]
         if det:
             gt = [{"image_id": d["record"], "category_id": d["class_id"], "box": b} for d in det for b in d["gt"]]
             dets = [{"image_id": d["record"], "category_id": d["class_id"], "box": b, "score": s}
                     for d in det for b, s in zip(d["boxes"], d["scores"], strict=True)]
             cats = sorted({d["class_id"] for d in det})
-            out.update({f"detect/{k}": v for k, v in M.coco_map50(gt, dets, cats).items()})
+            out.update({f"detect/{k}": v for k, v in coco_map50(gt, dets, cats).items()})
         return out
 
     def _semantic_summary(self, seg: list[dict]) -> dict[str, float]:
@@ -388,21 +405,22 @@ class GeneralistTask(Task):
             gt = items[0]["semantic"]
             if bg is None:  # no background class: pixels without a response are not scored
                 gt = torch.where(on, gt, torch.full_like(gt, -1))
-            conf += M.confusion_matrix(pred, gt, len(cats))
-        return M.semantic_summary(conf, cats)
+            conf += confusion_matrix(pred, gt, len(cats))
+        return semantic_summary(conf, cats)
 
     def settings(self) -> dict:
         return {"subtasks": list(self.subtasks), "classes": self.classes or "all but background",
                 "absent_classes": self.absent_classes, "box_colour": list(BOX_COLOUR),
                 "box_threshold": self.box_threshold, "box_width": self.box_width or "resolution // 32",
                 "box_score": "mean box-colour response on the box outline",
-                "segment_threshold": self.segment_threshold, "depth_range": [self.min_depth, self.max_depth],
+                "segment_threshold": self.segment_threshold, "depth_range": self.depth_range.as_list(),
+                "depth_range_from": self.depth_range.origin,
                 "depth_alignment": "least squares in depth space", "mAP": "pycocotools COCOeval, IoU 0.5"}
 
     # -- prediction files -------------------------------------------------------------------
 
     def export(self, prediction: dict, out_dir: Path, image: np.ndarray, stem: str = "prediction") -> list[Path]:
-        from genperc import images as V
+        from genperc.images import draw_boxes, save_rgb
         from genperc.tasks.depth import DepthTask
         from genperc.tasks.referring import ReferringTask
 
@@ -424,5 +442,5 @@ class GeneralistTask(Task):
                                     "label": label, "boxes": [{"box": [round(v, 2) for v in b], "score": round(s, 4),
                                                                "label": label} for b, s in zip(boxes, scores, strict=True)]},
                                    indent=1))
-        vis = V.draw_boxes(image, boxes, scores, labels=[label] * len(boxes) if label else None)
-        return [path, V.save_rgb(vis, out_dir / f"{stem}_boxes.png")]
+        vis = draw_boxes(image, boxes, scores, labels=[label] * len(boxes) if label else None)
+        return [path, save_rgb(vis, out_dir / f"{stem}_boxes.png")]

@@ -471,7 +471,7 @@ def train_generator(cfg: RunConfig, run_dir: Path, task, source, gcfg: GenRepCon
     """Stage 0: the class-conditional learned-variance denoiser (hybrid loss); returns
     (denoiser with the EMA weights when EMA is on, its directory, seconds)."""
     from genperc.models.denoiser import Denoiser
-    from genperc.models.presets import create_denoiser
+    from genperc.models.registry import create_denoiser
     from genperc.training.trainer import Trainer
 
     stage_dir = Path(run_dir) / "stage0"
@@ -486,7 +486,7 @@ def train_generator(cfg: RunConfig, run_dir: Path, task, source, gcfg: GenRepCon
     scfg = _stage_cfg(cfg, steps, None, cfg.train.ema)
     if not getattr(task, "num_classes", 0):
         task.dataset(source, cfg.data.resolution)  # resolves the class list
-    den = create_denoiser(cfg.model.preset, sample_size=cfg.model.sample_size, in_channels=3,
+    den = create_denoiser(cfg.model.arch, sample_size=cfg.model.sample_size, in_channels=3,
                           num_classes=task.num_classes, learned_variance=cfg.diffusion.learned_variance,
                           seed=cfg.train.seed)
     t0 = time.perf_counter()

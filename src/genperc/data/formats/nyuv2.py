@@ -8,9 +8,12 @@ Splits: the official ``splits.mat`` (MATLAB v5) holds ``trainNdxs`` (795) and ``
 1-based. Pass it as ``split_file`` (a ``splits.mat`` next to the ``.mat`` is picked up), or give
 0-based ``indices`` yourself, or ``split="all"``.
 
-Evaluation (REFERENCE.md, "Marigold (depth) and its evaluation"): valid depth is the open range
-(1e-3, 10) m, and the Eigen crop keeps rows 45:471 and columns 41:601 of the 480x640 frame.
-``eigen_crop=True`` folds that crop into ``depth_valid``; :func:`eigen_crop_mask` exposes it.
+Evaluation protocol (REFERENCE.md, "Marigold (depth) and its evaluation"), the default: valid
+depth is the open range (1e-3, 10) m, and the Eigen crop keeps rows 45:471 and columns 41:601 of
+the 480x640 frame. The crop is folded into ``depth_valid`` (``eigen_crop=False`` turns it off, e.g.
+for frames of another size); :func:`eigen_crop_mask` exposes it. The source's ``depth_range`` is
+the valid range, which the depth task adopts for its metric clipping unless the run sets
+``task_options.min_depth`` / ``max_depth``.
 """
 
 from __future__ import annotations
@@ -74,12 +77,13 @@ class NYUv2Source:
     """NYUv2 labeled frames as a :class:`~genperc.data.record.SceneSource`.
 
     ``semantic=True`` also fills ``semantic`` from ``labels`` (raw 894-class labels, 0 → -1,
-    k → k-1), with ``categories`` from ``names``.
+    k → k-1), with ``categories`` from ``names``. ``depth_range`` = (``min_depth``, ``max_depth``),
+    the valid depth in metres (exclusive); the Eigen crop is on by default (module docstring).
     """
 
     def __init__(self, path, split: str = "test", split_file=None, indices=None,
                  min_depth: float = MIN_DEPTH, max_depth: float = MAX_DEPTH,
-                 eigen_crop: bool = False, semantic: bool = False):
+                 eigen_crop: bool = True, semantic: bool = False):
         import h5py
 
         self.path = existing(path, "NYUv2 .mat file",
@@ -88,6 +92,7 @@ class NYUv2Source:
             raise UserError(f"{self.path} is not an HDF5 (MATLAB v7.3) file",
                             "use nyu_depth_v2_labeled.mat as published; it is MATLAB v7.3")
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.depth_range = (self.min_depth, self.max_depth)
         self.eigen_crop = bool(eigen_crop)
         self.semantic = bool(semantic)
         self._file = None
@@ -114,6 +119,11 @@ class NYUv2Source:
                                 "pass split_file=splits.mat (trainNdxs/testNdxs), "
                                 "indices=[...], or split='all'")
             self.indices = read_split_indices(split_file, split)
+        frame_hw = tuple(f["depths"].shape[:0:-1])
+        if self.eigen_crop and frame_hw != FRAME_HW:
+            raise UserError(f"the Eigen crop is defined for 480x640 frames; {self.path.name} has "
+                            f"{frame_hw[0]}x{frame_hw[1]} frames",
+                            "set data.options.eigen_crop=false for frames of another size")
         bad = [i for i in self.indices if not 0 <= i < n]
         if bad:
             raise UserError(f"NYUv2 indices out of range for {n} frames: {bad[:5]}",
