@@ -85,6 +85,8 @@ def eval_(
     image_scale: float = typer.Option(None, help="InstructPix2Pix image guidance s_I (default: the run's)."),
     batch_size: int = typer.Option(None, help="Items per sampler call."),
     weights: str = typer.Option("ema", help="ema | model."),
+    resolution: str = typer.Option(None, help="model | ground-truth: score at the model's resolution or, as "
+                                   "Marigold does, upsampled to the ground truth's (depth; default: the task's)."),
     out: Path = typer.Option(None, help="Output folder (default RUN/eval/<split>-<checkpoint>)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
 ):
@@ -95,10 +97,11 @@ def eval_(
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
     evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, ensemble=ensemble, limit=limit, seed=seed,
                               batch_size=batch_size, text_scale=text_scale, image_scale=image_scale, out=out,
-                              progress=True)
+                              resolution=resolution, progress=True)
     settings = evaluation.settings
     typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {settings['sampler']} {settings['steps']} "
-               f"steps, ensemble {settings['ensemble']}, {settings['seconds']:.0f} s):")
+               f"steps, ensemble {settings['ensemble']}, at {settings['resolution']} resolution, "
+               f"{settings['seconds']:.0f} s):")
     for name, value in evaluation.summary.items():
         typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
     typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
