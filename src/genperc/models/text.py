@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from genperc.errors import UserError
 
@@ -294,12 +295,10 @@ class CachedTextEncoder:
         if self.max_entries is not None:
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
-        length = max((e[0].shape[0] for e in entries), default=0)
-        out_h = torch.zeros(len(texts), length, self.dim)
-        out_m = torch.zeros(len(texts), length, dtype=torch.bool)
-        for i, (h, m) in enumerate(entries):
-            out_h[i, : h.shape[0]] = h
-            out_m[i, : m.shape[0]] = m
+        if not entries:
+            return torch.zeros(0, 0, self.dim, device=self.device), torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        out_h = pad_sequence([h for h, _ in entries], batch_first=True)  # right-padded with zeros / False
+        out_m = pad_sequence([m for _, m in entries], batch_first=True, padding_value=False)
         return out_h.to(self.device), out_m.to(self.device)
 
     def null(self) -> tuple[Tensor, Tensor]:

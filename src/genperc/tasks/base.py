@@ -57,14 +57,14 @@ class Task:
         """Encode a collated batch of dataset items into the target image and the conditions."""
         raise NotImplementedError
 
-    def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def augment(self, batch: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Diffusion-tailored augmentation of the clean target at timestep t (ADDP §3.2).
 
-        Returns the corrupted target image (pixel space, like ``tb.x0``) that is noised to x_t;
-        the loss target stays the clean ``tb.x0``. Identity by default (returns ``tb.x0`` itself,
+        Returns the corrupted target image (pixel space, like ``batch.x0``) that is noised to x_t;
+        the loss target stays the clean ``batch.x0``. Identity by default (returns ``batch.x0`` itself,
         which the trainer recognises to skip a second encoding).
         """
-        return tb.x0
+        return batch.x0
 
     def decode(self, x0: Tensor, batch: dict) -> Any:
         """Generated target image(s) → prediction."""
