@@ -182,11 +182,11 @@ class DepthTask(Task):
                          texts=[""] * image.shape[0], extras={"valid": valid},
                          loss_mask=valid.to(device=image.device, dtype=torch.float32))
 
-    def augment(self, tb: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def augment(self, batch: TaskBatch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """ADDP §3.2 diffusion-tailored augmentation (``genperc.tasks.augment``); identity at intensity 0."""
         from genperc.tasks.augment import augment_depth_batch
 
-        return augment_depth_batch(self, tb, t, generator)
+        return augment_depth_batch(self, batch, t, generator)
 
     def request(self, image: Tensor, prompts: list[str] | None = None) -> tuple[TaskBatch, dict]:
         return TaskBatch(x0=torch.zeros_like(image), image=image, texts=[""] * image.shape[0]), {}
