@@ -304,7 +304,7 @@ def posterior_cost(generator, dataset, pc, schedule, k: int, *, labels_fn, image
     full chain's — including the full chain with other noise, the Monte-Carlo noise floor."""
     from dataclasses import replace
 
-    from genperc.training.genrep import _inference
+    from genperc.training.genrep import teacher_mode
     from genperc.training.posterior import chain_log_densities, kept_states, posterior_from_log_densities
 
     n = min(images, len(dataset))
@@ -323,7 +323,7 @@ def posterior_cost(generator, dataset, pc, schedule, k: int, *, labels_fn, image
             continue
         g = torch.Generator().manual_seed(chain_seed)
         t0 = time.perf_counter()
-        with _inference(generator):
+        with teacher_mode(generator):
             ld, _ = chain_log_densities(generator, x, torch.arange(k), schedule=schedule, steps=steps, generator=g,
                                         density=c.density, batch_size=c.batch_size)
         sec = (time.perf_counter() - t0) / n
