@@ -105,8 +105,13 @@ def test_experiment_smoke(tmp_path):
     over = SMOKE + ["data.resolution=8", "data.options={size: 8}", "model.sample_size=8"]
     assert main(["experiment", "genrep", "--dataset", "digits", "--seeds", "2", "--out", str(tmp_path / "x"),
                  "--tables", "8,9,13", *over]) == 0
-    md = (tmp_path / "x" / "tables.md").read_text()
-    assert "Table 8" in md and "Table 9" in md and "Table 13" in md and "±" in md and "Training time" in md
+    from genperc.experiments.common import fmt_mean_std
+
+    md = (tmp_path / "x" / "tables.md").read_text().splitlines()
+    runs = json.loads((tmp_path / "x" / "results.json").read_text())["runs"]
+    assert {f"{v}-s{s}" for v in ("none", "gp", "sg", "both", "full", "one-sided", "k1", "k5") for s in (0, 1)} <= set(runs)
+    full = fmt_mean_std([runs["full-s0"]["top1"], runs["full-s1"]["top1"]], 100)
+    assert any(line.startswith(f"| + gradient alignment (GenRep) | {full} |") for line in md)
 
 
 @pytest.mark.slow
@@ -118,8 +123,11 @@ def test_experiment_smoke_on_world_scenes(tmp_path):
     fixture = Path(__file__).parent / "fixtures" / "world" / "single32"
     assert main(["experiment", "genrep", "--dataset", "world", "--world-path", str(fixture), "--seeds", "1",
                  "--out", str(tmp_path / "w"), "--tables", "8,14", *SMOKE]) == 0
-    md = (tmp_path / "w" / "tables.md").read_text()
-    assert "mIoU" in md and "AbsRel" in md and "Table 14" in md
+    runs = json.loads((tmp_path / "w" / "results.json").read_text())["runs"]
+    assert {"miou", "absrel", "top1_t10", "top1_t50"} <= set(runs["full-s0"])
+    row = next(line for line in (tmp_path / "w" / "tables.md").read_text().splitlines()
+               if line.startswith("| + gradient alignment (GenRep) | ") and line.count("|") == 6)
+    assert f"{100 * runs['full-s0']['top1_t50']:.1f} |" in row  # Table 14's t = 50 cell
 
 
 DDP_SCRIPT = r"""
