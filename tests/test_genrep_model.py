@@ -52,11 +52,15 @@ def test_taps_on_unet_and_dit_and_heads_shapes():
     assert pooled(dt.pop(), (8, 8))["logits"].shape == (2, 3)
 
 
-def test_cosine_head_uses_text_embeddings():
-    text = torch.eye(3, 5)
+def test_cosine_head_is_ten_times_the_cosine_to_the_class_text_embeddings():
+    """logits_c = s·cos(P·f, e_c) with s initialised to 10 (heads docstring), P the projection."""
+    text = torch.randn(3, 5, generator=torch.Generator().manual_seed(8))
     heads = PerceptionHeads({"a": 4}, 3, HeadConfig(classifier="cosine"), text_embeddings=text)
-    logits = heads({"a": torch.randn(2, 4, 3, 3)}, (3, 3))["logits"]
-    assert logits.shape == (2, 3) and logits.abs().max() <= math.exp(2.302585) + 1e-4
+    feats = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(9))
+    logits = heads({"a": feats}, (3, 3))["logits"]
+    projected = heads.classifier.net(heads.classifier.norm(heads({"a": feats}, (3, 3))["pooled"]))
+    cos = torch.nn.functional.cosine_similarity(projected[:, None, :], text[None, :, :], dim=-1)
+    assert torch.allclose(logits, 10 * cos, atol=1e-5)
 
 
 def test_zero_initialised_modulation_leaves_the_denoiser_unchanged_and_perceive_works():

@@ -164,12 +164,10 @@ def chain_log_densities(model, x: Tensor, classes, *, schedule, steps: int, gene
     if density not in DENSITIES:
         raise UserError(f"unknown posterior density {density!r}", "use x or noised")
     classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
-    K = int(classes.numel())
-    B = x.shape[0]
-    seeds = torch.randint(0, 2**62, (B,), generator=generator, device=generator.device).cpu()
-    per_chunk = max(1, batch_size // K)
+    seeds = torch.randint(0, 2**62, (x.shape[0],), generator=generator, device=generator.device).cpu()
+    per_chunk = max(1, batch_size // int(classes.numel()))
     out, steps_t = [], None
-    for start in range(0, B, per_chunk):
+    for start in range(0, x.shape[0], per_chunk):
         xb = x[start:start + per_chunk]
         ld, steps_t = _chunk_log_densities(model, xb, classes, seeds[start:start + xb.shape[0]], schedule=schedule,
                                            steps=steps, density=density)
@@ -183,21 +181,21 @@ def _chunk_log_densities(model, xb: Tensor, classes: Tensor, seeds: Tensor, *, s
     from genperc.diffusion.sampler import sample
     from genperc.diffusion.variance import clipped_log_posterior_variance, learned_log_variance
 
-    K = int(classes.numel())
-    nb, C = xb.shape[:2]
+    num_classes = int(classes.numel())
+    num_images, channels = xb.shape[:2]
     device = xb.device
     learned = schedule.config.learned_variance
-    gens = _row_generators(seeds, K, device)
+    gens = _row_generators(seeds, num_classes, device)
     x_T = torch.stack([torch.randn(xb.shape[1:], generator=g, device=g.device) for g in gens]).to(device, xb.dtype)
-    labels = classes.to(device).repeat(nb)
-    target = xb.repeat_interleave(K, dim=0)
+    labels = classes.to(device).repeat(num_images)
+    target = xb.repeat_interleave(num_classes, dim=0)
     captured: dict[str, Tensor | None] = {}
     dens: list[Tensor] = []
     ts: list[int] = []
 
     def wrapped(z, t, cond):
         o = model(z, t, cond)
-        captured["v"] = o[:, C:] if o.shape[1] == 2 * C else None
+        captured["v"] = o[:, channels:] if o.shape[1] == 2 * channels else None
         return o
 
     def on_step(step):
@@ -221,7 +219,7 @@ def _chunk_log_densities(model, xb: Tensor, classes: Tensor, seeds: Tensor, *, s
 
     sample(wrapped, x_T, Conditioning(class_labels=labels), schedule=schedule, sampler="ddpm", num_steps=steps,
            generator=gens, callback=on_step)
-    return torch.stack(dens, dim=-1).view(nb, K, -1).cpu(), torch.tensor(ts, dtype=torch.long)
+    return torch.stack(dens, dim=-1).view(num_images, num_classes, -1).cpu(), torch.tensor(ts, dtype=torch.long)
 
 
 def generative_posterior(model, x: Tensor, classes=None, *, schedule, steps: int = 50, burn_in: int = 12,
