@@ -72,7 +72,7 @@ def _pad(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
 class StepContext:
     """Everything an objective may read in one training step."""
 
-    output: Tensor  # raw model output
+    output: Tensor | None  # raw model output (None when no objective uses it: Trainer skips the forward)
     x0: Tensor  # the clean target (after space encoding), never the augmented one
     x_t: Tensor
     noise: Tensor
