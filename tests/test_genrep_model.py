@@ -211,3 +211,7 @@ def test_genrep_model_on_a_dit_backbone():
     out = m(x, t, Conditioning(class_labels=torch.tensor([0, 2])))
     assert out.shape == (2, 6, 8, 8) and m.perceive(x)["logits"].shape == (2, 3)
     assert m.projector(m.last_features["blk1"]).shape[1] == m.tap_channels[m.target_tap]
+
+
+def test_rep_align_weight_defaults_to_eq_10s_one():
+    assert SemanticConfig().rep_weight == 1.0  # L_genera = L_LDM + L_rep_align (REPA itself uses 0.5)

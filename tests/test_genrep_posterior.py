@@ -186,3 +186,8 @@ def test_noised_density_uses_the_samplers_previous_timestep_under_trailing_spaci
         std = variances[i].double().sqrt()
         expected = torch.distributions.Normal(means[i].double(), std).log_prob(target.double()).sum()
         assert float(ld[0, 0, i]) == pytest.approx(float(expected), rel=1e-6), (i, t_next)
+
+
+def test_the_default_teacher_is_algorithm_1s_model_being_trained():
+    cfg = PosteriorConfig()
+    assert cfg.teacher == "current" and not cfg.cache  # recomputed every step, not cached once
