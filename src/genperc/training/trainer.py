@@ -26,11 +26,11 @@ Strategy contracts (duck-typed):
 * a **hook** has ``after_step(trainer)``, called after every optimizer step (``trainer.step`` is
   already the number of finished steps), e.g. GenRep's EMA semantic network.
 
-Every random draw (data order, timesteps,
-noise, dropout) comes from generators owned by the trainer and saved in checkpoints, so a resumed
-run continues bit for bit. Mixed precision, gradient accumulation and multi-process DDP
-(``accelerate launch``) come from Accelerate. Checkpoints are written atomically (temp dir, then
-rename); a non-finite loss stops training and leaves the last good checkpoint in place.
+Every random draw (data order, timesteps, noise, dropout) comes from generators owned by the
+trainer and saved in checkpoints, so a resumed run continues bit for bit. Mixed precision, gradient
+accumulation and multi-process DDP (``accelerate launch``) come from Accelerate. Checkpoints are
+written atomically (temp dir, then rename); a non-finite loss stops training and leaves the last
+good checkpoint in place.
 """
 
 from __future__ import annotations
