@@ -93,7 +93,7 @@ class Toy(torch.nn.Module):
 
 def _losses(m, x):
     h = m.shared(x)
-    return {"percept/disc": m.head(h).pow(2).mean(), "genera/simple": (m.gen(h) - 1).pow(2).mean()}
+    return {"perception": {"disc": m.head(h).pow(2).mean()}, "generation": {"simple": (m.gen(h) - 1).pow(2).mean()}}
 
 
 def _grads(m, names):
@@ -109,8 +109,9 @@ def test_combiner_aligns_the_shared_set_and_sums_the_rest():
     m2 = Toy()
     losses = _losses(m2, x)
     shared = list(m2.shared.parameters())
-    gp = torch.autograd.grad(losses["percept/disc"], list(m2.parameters()), retain_graph=True, allow_unused=True)
-    gg = torch.autograd.grad(losses["genera/simple"], list(m2.parameters()), allow_unused=True)
+    gp = torch.autograd.grad(losses["perception"]["disc"], list(m2.parameters()), retain_graph=True,
+                             allow_unused=True)
+    gg = torch.autograd.grad(losses["generation"]["simple"], list(m2.parameters()), allow_unused=True)
     names = [n for n, _ in m2.named_parameters()]
     flat_p = torch.cat([g.reshape(-1) for n, g in zip(names, gp, strict=True) if n.startswith("shared")])
     flat_g = torch.cat([g.reshape(-1) for n, g in zip(names, gg, strict=True) if n.startswith("shared")])
@@ -123,7 +124,8 @@ def test_combiner_aligns_the_shared_set_and_sums_the_rest():
             assert torch.allclose(p.grad, W_P * a) and b is None
         if n.startswith("gen"):
             assert torch.allclose(p.grad, W_G * b) and a is None
-    assert -1 <= comb.last["cos"] <= 1
+    cos = float(flat_p.double() @ flat_g.double() / (flat_p.double().norm() * flat_g.double().norm()))
+    assert comb.last["cos"] == pytest.approx(cos, rel=1e-6)
 
 
 def test_combiner_accumulates_and_scales():
@@ -133,6 +135,13 @@ def test_combiner_accumulates_and_scales():
     comb.backward(_losses(m, x), scale=0.5)
     comb.backward(_losses(m, x), scale=0.5)
     m2 = Toy()
-    sum(_losses(m2, x).values()).backward()
+    sum(loss for group in _losses(m2, x).values() for loss in group.values()).backward()
     for p, q in zip(m.parameters(), m2.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_combiner_rejects_an_unknown_loss_group():
+    m = Toy()
+    comb = GradientAlignmentCombiner(m.parameters(), AlignConfig())
+    with pytest.raises(ValueError, match="loss groups"):
+        comb.backward({"perception": {"disc": m.head(m.shared(torch.ones(1, 3))).sum()}, "other": {}})

@@ -46,8 +46,8 @@ def batch():
 
 def losses(m, x, y):
     h = torch.tanh(m.shared(x))
-    return {"percept/disc": torch.nn.functional.cross_entropy(m.head(h), y),
-            "genera/simple": (m.gen(h) - x).pow(2).mean()}
+    return {"perception": {"disc": torch.nn.functional.cross_entropy(m.head(h), y)},
+            "generation": {"simple": (m.gen(h) - x).pow(2).mean()}}
 """
 
 

@@ -7,10 +7,16 @@ import torch
 
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
-from genperc.diffusion.variance import learned_log_variance
+from genperc.diffusion.variance import learned_log_variance, log_beta_range
 from genperc.models.heads import FeatureTaps, HeadConfig, PerceptionHeads, default_taps
 from genperc.models.registry import create_denoiser
-from genperc.models.semantic import GenRepModel, SemanticConfig, build_genrep_model, rep_align_loss
+from genperc.models.semantic import (
+    MIN_LOG_BETA_RANGE,
+    GenRepModel,
+    SemanticConfig,
+    build_genrep_model,
+    rep_align_loss,
+)
 from genperc.training.objectives import HybridDiffusionObjective, discretized_gaussian_log_likelihood
 from genperc.training.strategies import StepContext
 
@@ -46,11 +52,15 @@ def test_taps_on_unet_and_dit_and_heads_shapes():
     assert pooled(dt.pop(), (8, 8))["logits"].shape == (2, 3)
 
 
-def test_cosine_head_uses_text_embeddings():
-    text = torch.eye(3, 5)
+def test_cosine_head_is_ten_times_the_cosine_to_the_class_text_embeddings():
+    """logits_c = s·cos(P·f, e_c) with s initialised to 10 (heads docstring), P the projection."""
+    text = torch.randn(3, 5, generator=torch.Generator().manual_seed(8))
     heads = PerceptionHeads({"a": 4}, 3, HeadConfig(classifier="cosine"), text_embeddings=text)
-    logits = heads({"a": torch.randn(2, 4, 3, 3)}, (3, 3))["logits"]
-    assert logits.shape == (2, 3) and logits.abs().max() <= math.exp(2.302585) + 1e-4
+    feats = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(9))
+    logits = heads({"a": feats}, (3, 3))["logits"]
+    projected = heads.classifier.net(heads.classifier.norm(heads({"a": feats}, (3, 3))["pooled"]))
+    cos = torch.nn.functional.cosine_similarity(projected[:, None, :], text[None, :, :], dim=-1)
+    assert torch.allclose(logits, 10 * cos, atol=1e-5)
 
 
 def test_zero_initialised_modulation_leaves_the_denoiser_unchanged_and_perceive_works():
@@ -60,8 +70,6 @@ def test_zero_initialised_modulation_leaves_the_denoiser_unchanged_and_perceive_
     assert torch.allclose(m(x, t, cond), m.denoiser(x, t, cond))
     out = m.perceive(x)
     assert out["logits"].shape == (2, 3) and "mid" in m.last_features
-    m.generation = False
-    assert torch.count_nonzero(m(x, t, cond)) == 0
 
 
 def test_variance_factor_multiplies_the_learned_variance_exactly():
@@ -83,19 +91,67 @@ def test_variance_factor_multiplies_the_learned_variance_exactly():
     assert torch.allclose(r, torch.full_like(r, 0.4), atol=2e-3)
 
 
-def test_mean_correction_uses_x_sem_in_training_and_x_t_at_inference():
+def test_variance_factor_near_T_is_exp_g_scaled_where_the_clamp_bites():
+    """The factor is exp(g) while log β_t − log β̃_t ≥ 1e-6 and exp(g·range/1e-6) where the clamp
+    bites — for the linear schedule of T = 1000, t = 989…999 (module docstring)."""
+    m = genrep().eval()
+    g = 0.4
+    torch.nn.init.constant_(m.modulation.var_mlp[-1].bias, g)
+    true_range = log_beta_range(SCHED)  # float64, unclamped
+    clamped = (true_range < MIN_LOG_BETA_RANGE).nonzero().flatten().tolist()
+    assert clamped == list(range(989, 1000))
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([900, 988, 999])
+    cond = Conditioning(class_labels=torch.tensor([0, 1, 2]))
+    base, mod = m.denoiser(x, t, cond), m(x, t, cond)
+    shift = learned_log_variance(SCHED, mod[:, 3:].double(), t) - learned_log_variance(SCHED, base[:, 3:].double(), t)
+    expected = [g, g, g * float(true_range[999]) / MIN_LOG_BETA_RANGE]  # 0.4, 0.4, 0.33
+    for row, value in enumerate(expected):
+        assert torch.allclose(shift[row], torch.full_like(shift[row], value), rtol=1e-4), (int(t[row]), value)
+    assert expected[2] < 0.9 * g  # near T the factor is visibly less than exp(g)
+
+
+def ddpm_mean(eps, x_t, t):
+    """Ho et al. 2020 Eq. 11: μ = (x_t − β_t/√(1 − ᾱ_t)·ε)/√α_t."""
+    beta = SCHED.betas[t].view(-1, 1, 1, 1)
+    ab = SCHED.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return (x_t.double() - beta / (1 - ab).sqrt() * eps.double()) / (1 - beta).sqrt()
+
+
+def test_mean_shift_is_c_t_times_W_t_concat_x_t_x_sem():
+    """Eq. 6–7: the DDPM mean moves by c(t)·W_t·concat(x_t, x_sem) with c(t) = −β_t/(√α_t·√(1 − ᾱ_t))
+    (ε-prediction) and W_t the matrix of t's bucket (t·buckets // T)."""
+    m = genrep(sem=SemanticConfig(buckets=4))
+    with torch.no_grad():
+        m.modulation.weight.normal_(generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    x, x_sem = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
+    t = torch.tensor([100, 600])  # buckets 0 and 2 of 4
+    cond = Conditioning(class_labels=torch.tensor([1, 2]))
+    m.eval()
+    shift = ddpm_mean(m(x, t, cond, x_sem=x_sem)[:, :3], x, t) - ddpm_mean(m.denoiser(x, t, cond)[:, :3], x, t)
+    for row, bucket in enumerate((0, 2)):
+        w = m.modulation.weight[bucket].detach().double()  # [C, 2C]
+        z = torch.cat([x[row], x_sem[row]]).double().reshape(6, -1)  # concat(x_t, x_sem), [2C, HW]
+        beta, ab = SCHED.betas[t[row]], SCHED.alphas_cumprod[t[row]]
+        c_t = -beta / ((1 - beta).sqrt() * (1 - ab).sqrt())
+        expected = (c_t * (w @ z)).reshape(3, 8, 8)
+        assert torch.allclose(shift[row], expected, atol=1e-5), row
+
+
+def test_x_sem_is_the_semantic_source_in_training_and_x_t_at_inference():
     m = genrep()
     with torch.no_grad():
-        m.modulation.weight.normal_()
+        m.modulation.weight.normal_(generator=torch.Generator().manual_seed(7))
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([100])
     cond = Conditioning(class_labels=torch.tensor([1]))
     sem = torch.zeros_like(x)
     m.attach_semantic(lambda *_: sem)
     train_out = m.train()(x, t, cond)
+    assert torch.equal(train_out, m(x, t, cond, x_sem=sem))
     m.eval()
-    infer = m(x, t, cond)
-    explicit = m(x, t, cond.replace(semantic=x))
-    assert torch.allclose(infer, explicit) and not torch.allclose(train_out, infer)
+    assert torch.equal(m(x, t, cond), m(x, t, cond, x_sem=x))
+    assert not torch.allclose(train_out, m(x, t, cond))
     assert "_semantic_source" not in dict(m.named_modules())
 
 
@@ -155,3 +211,7 @@ def test_genrep_model_on_a_dit_backbone():
     out = m(x, t, Conditioning(class_labels=torch.tensor([0, 2])))
     assert out.shape == (2, 6, 8, 8) and m.perceive(x)["logits"].shape == (2, 3)
     assert m.projector(m.last_features["blk1"]).shape[1] == m.tap_channels[m.target_tap]
+
+
+def test_rep_align_weight_defaults_to_eq_10s_one():
+    assert SemanticConfig().rep_weight == 1.0  # L_genera = L_LDM + L_rep_align (REPA itself uses 0.5)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.errors import UserError
 from genperc.training.posterior import (
@@ -22,14 +23,27 @@ SCHED = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, b
                                       prediction_type="eps"))
 
 
-def test_kept_states_follow_algorithm_1_or_the_burn_in_anchor():
-    # Algorithm 1: t = S..1, keep t < S - m + 1 and t mod k == 0  (t = S - index)
-    assert kept_states(10, 2, 2, "end").tolist() == [2, 4, 6, 8]
+def algorithm_1_kept(steps, m, k):
+    """Algorithm 1 lines 16–19 as printed (reading its "T mod k" as t mod k): the chain runs
+    t = T, T − 1, …, 1 and appends the state of step t when t < T − m and t mod k = 0; the state
+    of step t is the (T − t)-th of the run (0 = the first)."""
+    return [steps - t for t in range(steps, 0, -1) if t < steps - m and t % k == 0]
+
+
+def test_kept_states_follow_algorithm_1_line_18():
+    assert kept_states(10, 2, 2, "end").tolist() == algorithm_1_kept(10, 2, 2) == [4, 6, 8]
     assert kept_states(9, 2, 2, "end").tolist() == [3, 5, 7]  # the last state (t = 1) is not kept for k = 2
-    assert kept_states(9, 2, 2, "start").tolist() == [2, 4, 6, 8]
-    assert kept_states(6, 0, 1).tolist() == list(range(6))
+    assert kept_states(6, 0, 1).tolist() == [1, 2, 3, 4, 5]  # t < T − 0 drops the first state (t = T)
+    assert kept_states(200, 50, 2).numel() == 74  # the paper's chain: t = 2, 4, …, 148
+    for steps, m, k in ((40, 10, 2), (50, 12, 3), (7, 1, 2), (12, 0, 5)):
+        assert kept_states(steps, m, k).tolist() == algorithm_1_kept(steps, m, k)
     with pytest.raises(UserError, match="leave no state"):
-        kept_states(4, 4, 1)
+        kept_states(4, 3, 1)
+
+
+def test_kept_states_start_anchor_keeps_every_kth_after_the_burn_in():
+    assert kept_states(9, 2, 2, "start").tolist() == [2, 4, 6, 8]
+    assert kept_states(6, 0, 1, "start").tolist() == list(range(6))
 
 
 def test_gaussian_log_density_matches_torch_distributions():
@@ -138,3 +152,42 @@ def test_provider_computes_a_fraction_on_the_fly_and_caches_it():
     step[0] = 10  # older than refresh_epochs (4 steps): recomputed, half of them
     _, hit3 = prov(torch.tensor([0, 1, 2, 3]), x)
     assert int(hit3.sum()) == 2 and prov.computed_rows == 6
+
+
+def test_noised_density_uses_the_samplers_previous_timestep_under_trailing_spacing():
+    """density=noised evaluates √ᾱ·x + √(1−ᾱ)·x_T at the noise level of the state each step makes:
+    the next timestep of the chain. With trailing spacing and T/S not whole (1000/6), that is not
+    t − T//S (999 → 832, not 833)."""
+    from diffusers import DDPMScheduler
+
+    from genperc.diffusion.sampler import sample
+
+    sched = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                          learned_variance=True, prediction_type="eps", timestep_spacing="trailing"))
+    steps = 6
+    reference = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    reference.set_timesteps(steps)
+    listed = reference.timesteps.tolist()
+    assert listed[:2] == [999, 832] and listed[0] - 1000 // steps != listed[1]
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    ld, ts = chain_log_densities(ClassBlind(), x, [0], schedule=sched, steps=steps,
+                                 generator=torch.Generator().manual_seed(5), density="noised")
+    assert ts.tolist() == listed
+    # the chain by hand: x_T from the image's seed (shared-noise protocol), the sampler's means / variances
+    seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5))
+    row = torch.Generator().manual_seed(int(seed))
+    x_T = torch.randn(x.shape[1:], generator=row)[None]
+    means, variances = [], []
+    sample(ClassBlind(), x_T, Conditioning(class_labels=torch.tensor([0])), schedule=sched, sampler="ddpm",
+           num_steps=steps, generator=[row], callback=lambda s: (means.append(s.mean), variances.append(s.variance)))
+    ab = sched.alphas_cumprod
+    for i, t_next in enumerate(listed[1:]):  # every step but the last (to x_0, decoder variance)
+        target = ab[t_next].sqrt() * x + (1 - ab[t_next]).sqrt() * x_T
+        std = variances[i].double().sqrt()
+        expected = torch.distributions.Normal(means[i].double(), std).log_prob(target.double()).sum()
+        assert float(ld[0, 0, i]) == pytest.approx(float(expected), rel=1e-6), (i, t_next)
+
+
+def test_the_default_teacher_is_algorithm_1s_model_being_trained():
+    cfg = PosteriorConfig()
+    assert cfg.teacher == "current" and not cfg.cache  # recomputed every step, not cached once

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from genperc.config import load_config
+from genperc.data.datasets import collate
 from genperc.data.toy import ToyShapes
 from genperc.errors import UserError
 from genperc.training.trainer import Trainer, TrainingDiverged
@@ -135,6 +136,7 @@ def _free_port() -> int:
 DDP_SCRIPT = r"""
 import hashlib, sys, torch
 from genperc.config import load_config
+from genperc.data.datasets import collate
 from genperc.data.toy import ToyShapes
 from genperc.training.trainer import Trainer
 cfg = load_config("cpu-tiny", sys.argv[2:])
@@ -159,3 +161,77 @@ def test_two_process_ddp_ranks_agree(tmp_path):
     assert hashes[0] == hashes[1]
     state = json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())
     assert state["world_size"] == 2 and (run / "checkpoints" / "step-00000003" / "rng-rank1.safetensors").exists()
+
+
+class StepRecorder:
+    """A hook: the step counter and a parameter's value each time it is called."""
+
+    def __init__(self):
+        self.steps, self.values = [], []
+
+    def after_step(self, trainer):
+        self.steps.append(trainer.step)
+        self.values.append(next(trainer.unwrapped.parameters()).detach().clone())
+
+
+def test_hooks_run_after_each_optimizer_step(tmp_path, text_encoder):
+    cfg = tiny_cfg("train.steps=3", "train.checkpoint_every=3", "train.ema=false", "train.warmup_steps=0")
+    hook = StepRecorder()
+    tr = Trainer(cfg, tmp_path / "run", train_source=ToyShapes(size=8, resolution=16), text_encoder=text_encoder,
+                 hooks=[hook])
+    initial = next(tr.unwrapped.parameters()).detach().clone()
+    tr.train()
+    assert hook.steps == [1, 2, 3]
+    assert not torch.equal(hook.values[0], initial)  # the optimizer had stepped
+    final = weights(tmp_path / "run" / "checkpoints" / "step-00000003" / "model")
+    name = next(iter(tr.unwrapped.state_dict()))
+    assert torch.equal(hook.values[-1], final[name])
+
+
+class GroupedLoss:
+    def __init__(self, group, name, uses_output=True):
+        self.group, self.name, self.uses_output = group, name, uses_output
+
+    def __call__(self, ctx):
+        source = ctx.output if self.uses_output else ctx.x0
+        return {self.name: source.float().pow(2).mean()}
+
+
+class RecordingCombiner:
+    reduces_gradients = True
+
+    def __init__(self):
+        self.groups = []
+
+    def backward(self, groups, accelerator, scale=1.0):
+        self.groups.append({g: sorted(losses) for g, losses in groups.items()})
+
+
+def test_losses_reach_the_combiner_by_group_and_names_are_unique(tmp_path, text_encoder):
+    cfg = tiny_cfg("train.steps=1", "train.checkpoint_every=1", "train.ema=false")
+    combiner = RecordingCombiner()
+    objectives = [GroupedLoss("perception", "disc"), GroupedLoss("generation", "simple"),
+                  GroupedLoss("generation", "extra")]
+    tr = Trainer(cfg, tmp_path / "run", train_source=ToyShapes(size=8, resolution=16), text_encoder=text_encoder,
+                 objectives=objectives, combiner=combiner)
+    tr.train()
+    assert combiner.groups == [{"perception": ["disc"], "generation": ["extra", "simple"]}]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"disc", "simple", "extra"} <= set(header)
+    tr.objectives = [GroupedLoss("perception", "same"), GroupedLoss("generation", "same")]
+    batch = collate([tr.dataset[i] for i in range(2)])
+    with pytest.raises(ValueError, match="'same'.*unique"):
+        tr.compute_loss_groups(batch)
+
+
+def test_no_denoiser_forward_when_no_objective_uses_the_output(tmp_path, text_encoder):
+    cfg = tiny_cfg("train.steps=1", "train.checkpoint_every=1", "train.ema=false")
+    tr = Trainer(cfg, tmp_path / "run", train_source=ToyShapes(size=8, resolution=16), text_encoder=text_encoder,
+                 objectives=[GroupedLoss("perception", "x0", uses_output=False)], combiner=RecordingCombiner())
+    calls = []
+    tr.unwrapped.register_forward_hook(lambda *a: calls.append(1))
+    groups = tr.compute_loss_groups(collate([tr.dataset[i] for i in range(2)]))
+    assert calls == [] and list(groups) == ["perception"]
+    tr.objectives = [GroupedLoss("generation", "out")]
+    tr.compute_loss_groups(collate([tr.dataset[i] for i in range(2)]))
+    assert calls == [1]

@@ -2,8 +2,8 @@
 
 Every condition the three papers use fits here: token-level text states with their attention mask
 (cross-attention, InstructPix2Pix / ADDP), an image concatenated on the channel axis (Marigold,
-InstructPix2Pix), a class label (GenRep, DDAE++), and an optional semantic representation x_sem
-(GenRep Eq. 6–10). Guidance builds several variants of one Conditioning and concatenates them into
+InstructPix2Pix) and a class label (GenRep, DDAE++). (GenRep's semantic representation x_sem is an
+argument of its own model, not a condition of the diffusion core.) Guidance builds several variants of one Conditioning and concatenates them into
 a single batch so that all conditional predictions cost one forward pass.
 """
 
@@ -25,14 +25,12 @@ class Conditioning:
     text_mask:   [B, L] bool, True for real tokens (required when ``text`` is given).
     image:       [B, C, H, W] image (or latent) concatenated to the noisy input.
     class_labels:[B] long class indices.
-    semantic:    [B, ...] semantic representation x_sem (GenRep).
     """
 
     text: Tensor | None = None
     text_mask: Tensor | None = None
     image: Tensor | None = None
     class_labels: Tensor | None = None
-    semantic: Tensor | None = None
 
     @property
     def batch_size(self) -> int | None:

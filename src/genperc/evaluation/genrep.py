@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from genperc.diffusion.bayes import posterior_from_log_densities
 from genperc.diffusion.conditioning import Conditioning
 from genperc.errors import UserError
 from genperc.metrics import expected_calibration_error, reliability_bins
@@ -374,7 +375,5 @@ def evaluate_genrep(model, eval_dataset, *, schedule, num_classes: int, cfg: Eva
 
 def teacher_accuracy(log_densities: Tensor, labels: Tensor, kept: Tensor, temperature: float) -> dict:
     """Top-1 / ECE of the generative posterior itself (the distillation target)."""
-    from genperc.training.posterior import posterior_from_log_densities
-
     _, log_post = posterior_from_log_densities(log_densities, kept, temperature)
     return classification_summary(log_post.float(), labels)

@@ -13,8 +13,8 @@ interrupted experiment resumes):
   - Table 8 — ``none`` (L_disc; L_hybrid; summed gradients), ``gp`` (+ L_gen_distil),
     ``sg`` (+ semantic modulation and L_rep_align), ``both``, ``full`` (+ symmetric alignment);
   - Table 13 — ``one-sided`` (full with only ∇L_genera aligned, Eq. 13);
-  - Table 9 / 10 — thinning k = 1…5 and burn-in m (the preset's m × {0.5, 1, 1.5, 2, 2.5}, the
-    paper's 25…125 around 50). On the ``cpu`` preset these sweeps stop after stage 1
+  - Table 9 / 10 — thinning k = 1…5 and burn-in m (the config's m × {0.5, 1, 1.5, 2, 2.5}, the
+    paper's 25…125 around 50). At the ``cpu`` size these sweeps stop after stage 1
     (``--sweep-stages perception``): the posterior acts through L_percept, and a full stage 2 per
     sweep point does not fit the time budget; ``full`` runs both stages;
   - Table 11 — ECE with and without L_gen_distil (the Table 8 pairs none/gp and sg/both);
@@ -33,6 +33,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ from genperc.errors import UserError
 from genperc.experiments.common import fmt_mean_std, machine_line
 
 DATASETS = ("digits", "world")
-PRESETS = {"cpu": "genrep-cpu", "gpu": "genrep-gpu"}
+SIZES = {"cpu": "genrep-cpu", "gpu": "genrep-gpu"}  # experiment size → its YAML run config (preset)
 TABLES = ("8", "9", "10", "11", "13", "14")
 T8 = ("none", "gp", "sg", "both", "full")
 LABELS = {"none": "none", "gp": "+ generative perception", "sg": "+ semantic generation", "both": "both",
@@ -50,7 +51,7 @@ LABELS = {"none": "none", "gp": "+ generative perception", "sg": "+ semantic gen
 
 
 def _variant(name: str, base: dict) -> dict:
-    """GenRep settings of a named variant, from the preset's ``task_options.genrep``."""
+    """GenRep settings of a named variant, from the run config's ``task_options.genrep``."""
     g = json.loads(json.dumps(base))
     post, sem, align, stages = (g.setdefault(k, {}) for k in ("posterior", "semantic", "align", "stages"))
     if name in ("none", "sg"):
@@ -78,19 +79,20 @@ def _stage1_key(g: dict) -> str:
 
 
 
-def base_config(dataset: str, preset: str, overrides: list[str], world_path: str | None) -> RunConfig:
+def base_config(dataset: str, size: str, overrides: list[str], world_path: str | None) -> RunConfig:
+    """The run config of the experiment: the size's YAML preset, the dataset's settings, overrides."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}", f"use one of {', '.join(DATASETS)}")
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)}")
+    if size not in SIZES:
+        raise UserError(f"unknown experiment size {size!r}", f"use --size {' or '.join(SIZES)}")
     extra: list[str] = []
     if dataset == "world":
-        res = 32 if preset == "cpu" else 64
+        res = 32 if size == "cpu" else 64
         extra += ["data.source=world", f"data.path={world_path}", f"data.resolution={res}",
                   f"model.sample_size={res}", "data.val_split=val",
                   "task_options.dense=true", "task_options.genrep.heads.segmentation=5",
                   "task_options.genrep.heads.depth=true"]
-    cfg = load_config(PRESETS[preset], extra + list(overrides))
+    cfg = load_config(SIZES[size], extra + list(overrides))
     if dataset == "world" and "size" in cfg.data.options:  # the digits' option; merging cannot delete it
         d = cfg.to_dict()
         d["data"]["options"] = {k: v for k, v in d["data"]["options"].items() if k != "size"}
@@ -98,17 +100,17 @@ def base_config(dataset: str, preset: str, overrides: list[str], world_path: str
     return cfg
 
 
-def render_world(out: Path, preset: str, log) -> Path:
+def render_world(out: Path, size: str, log) -> Path:
     """Single-object world scenes with shape × colour classes (8 on CPU: 4 shapes × red/blue)."""
     from genperc.data.world.render_job import render_split
     from genperc.data.world.scene import WorldConfig
 
-    res = 32 if preset == "cpu" else 64
-    colors = ("red", "blue") if preset == "cpu" else ("gray", "red", "blue", "green", "brown", "purple", "cyan",
+    res = 32 if size == "cpu" else 64
+    colors = ("red", "blue") if size == "cpu" else ("gray", "red", "blue", "green", "brown", "purple", "cyan",
                                                       "yellow")
-    wc = WorldConfig.single_object(resolution=res, label_scheme="shape_color", colors=colors, spp=8 if preset == "cpu"
+    wc = WorldConfig.single_object(resolution=res, label_scheme="shape_color", colors=colors, spp=8 if size == "cpu"
                                    else 16)
-    counts = {"train": 800, "val": 200} if preset == "cpu" else {"train": 20000, "val": 2000}
+    counts = {"train": 800, "val": 200} if size == "cpu" else {"train": 20000, "val": 2000}
     for split, n in counts.items():
         if not (out / split / "manifest.json").is_file() or not json.loads(
                 (out / split / "manifest.json").read_text()).get("complete"):
@@ -118,183 +120,227 @@ def render_world(out: Path, preset: str, log) -> Path:
     return out
 
 
-def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3, out: str | Path = "runs/genrep",
+def run_experiment(dataset: str = "digits", size: str = "cpu", seeds: int = 3, out: str | Path = "runs/genrep",
                    tables: str = "8,9,10,11,13,14", overrides: list[str] | None = None,
                    world_path: str | None = None, sweep_stages: str | None = None, log=print) -> dict:
-    """Run the experiment (module docstring); returns the results dict also saved as JSON."""
-    from genperc import build
-    from genperc.diffusion.schedule import NoiseSchedule
-    from genperc.evaluation.genrep import (
-        EvalConfig,
-        FeatureExtractor,
-        FeatureNet,
-        evaluate_genrep,
-        teacher_accuracy,
-        train_feature_net,
-    )
-    from genperc.training.genrep import (
-        GenRepConfig,
-        build_posterior_cache,
-        cache_labels,
-        open_split,
-        train_generator,
-        train_genrep,
-    )
-    from genperc.training.posterior import PosteriorCache, fit_temperature, kept_states
-
+    """Run the experiment (module docstring) at ``size`` (cpu | gpu, :data:`SIZES`); returns the
+    results dict also saved as JSON."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    wanted = parse_tables(tables)
+    if dataset == "world" and world_path is None:
+        world_path = str(render_world(out / "data" / "world", size, log))
+    cfg = base_config(dataset, size, list(overrides or []), world_path)
+    experiment = Experiment(cfg, out, dataset, size, sweep_stages or ("perception" if size == "cpu" else "full"), log)
+    shared = experiment.prepare_shared_parts()
+    jobs = experiment.plan_jobs(wanted)
+    for seed in range(seeds):
+        experiment.run_seed(seed, jobs, shared)
+    experiment.results["seeds"] = seeds
+    experiment.results["sweep_stages"] = experiment.sweep_stages
+    experiment.save()
+    (out / "tables.md").write_text(render_tables(experiment.results, wanted))
+    return experiment.results
+
+
+def parse_tables(tables: str) -> set[str]:
     wanted = {t.strip() for t in tables.split(",") if t.strip()}
     bad = wanted - set(TABLES)
     if bad:
         raise UserError(f"unknown table(s) {sorted(bad)}", f"choose from {', '.join(TABLES)}")
-    if dataset == "world" and world_path is None:
-        world_path = str(render_world(out / "data" / "world", preset, log))
-    cfg = base_config(dataset, preset, list(overrides or []), world_path)
-    sweep_stages = sweep_stages or ("perception" if preset == "cpu" else "full")
-    base_g = cfg.task_options.get("genrep", {})
-    gcfg = GenRepConfig.from_dict(base_g)
-    schedule = NoiseSchedule(cfg.diffusion)
-    task = build.build_task(cfg)
-    train_src, eval_src = open_split(cfg, cfg.data.train_split), open_split(cfg, cfg.data.val_split)
-    train_ds = task.dataset(train_src, cfg.data.resolution)
-    eval_ds = task.dataset(eval_src, cfg.data.resolution)
-    k = task.num_classes
-    shared = out / "shared"
-    shared.mkdir(exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
-    results.update({"dataset": dataset, "preset": preset, "classes": task.class_names,
-                    "train_images": len(train_ds), "eval_images": len(eval_ds),
-                    "machine": machine_line()})
+    return wanted
 
-    def save():
-        results_path.write_text(json.dumps(results, indent=1))
 
-    # shared: generator, feature net, posterior cache --------------------------------------------
-    t0 = time.perf_counter()
-    gen_cfg = load_config(base=cfg.to_dict(), overrides=["train.seed=0"])
-    generator, gen_dir, gen_s = train_generator(gen_cfg, shared, task, train_src, gcfg, log=log)
-    if gen_s:
-        results["generator_s"] = gen_s
-    fpath = shared / "featurenet.safetensors"
-    if fpath.is_file():
-        from safetensors.torch import load_file
+@dataclass
+class SharedParts:
+    """What every run of the experiment shares: the generator, the FID feature extractor, the
+    frozen generator's posterior cache and its fitted temperature."""
 
-        fnet = FeatureNet(k)
-        fnet.load_state_dict(load_file(str(fpath)))
-        fnet.eval()
-    else:
-        fnet = train_feature_net(train_ds, k, seed=0)
-        from safetensors.torch import save_file
+    generator: object
+    extractor: object
+    cache: object
+    temperature: float
 
-        save_file(fnet.state_dict(), str(fpath))
-    fe = gcfg.eval.feature_extractor
-    extractor = (FeatureExtractor(torchscript=fe.split(":", 1)[1]) if fe.startswith("torchscript:")
-                 else FeatureExtractor(fnet))
-    if "featurenet_top1" not in results:
-        from genperc.evaluation.genrep import real_images
 
-        xr, yr = real_images(eval_ds)
-        results["featurenet_top1"] = float((FeatureExtractor(fnet).classify(xr) == yr).float().mean())
-    pc = gcfg.posterior
-    cpath = shared / f"posterior-{pc.steps}steps-{pc.density}-{pc.subset or 'all'}.safetensors"
-    if cpath.is_file():
-        cache = PosteriorCache.load(cpath)
-    else:
-        cache, ct = build_posterior_cache(generator, train_ds, pc, schedule, k, seed=0)
-        cache.save(cpath)
-        results["posterior_cache"] = ct
-        save()
-    idx = cache.present.nonzero().flatten()
-    labels = cache_labels(train_ds, idx)
-    kept = kept_states(pc.steps, pc.burn_in, pc.thinning, pc.thinning_anchor)
-    tau = fit_temperature(cache.log_densities[idx], labels, kept) if pc.fit_temperature else pc.temperature
-    results["temperature"] = tau
-    results["teacher"] = {"tau=1": teacher_accuracy(cache.log_densities[idx], labels, kept, 1.0),
-                          "tau": teacher_accuracy(cache.log_densities[idx], labels, kept, tau)}
-    log(f"shared parts ready in {time.perf_counter() - t0:.0f} s; teacher top-1 "
-        f"{results['teacher']['tau']['top1']:.3f} at τ={tau:.3g}")
-    if "posterior_cost" not in results:
-        results["posterior_cost"] = posterior_cost(generator, train_ds, pc, schedule, k, labels_fn=cache_labels,
-                                                   temperature=tau)
-    save()
+class Experiment:
+    """One experiment directory: its data, its ``results.json``, and the named steps of a run."""
 
-    # variants ------------------------------------------------------------------------------------
-    variants: list[tuple[str, bool]] = []  # (name, full evaluation)
-    if wanted & {"8", "11", "14"}:
-        variants += [(v, True) for v in T8]
-    elif "13" in wanted:
-        variants += [("full", True)]
-    if "13" in wanted:
-        variants += [("one-sided", True)]
-    m0, k0 = pc.burn_in, pc.thinning
-    m_values = sorted({max(0, round(m0 * f)) for f in (0.5, 1.0, 1.5, 2.0, 2.5)})
-    sweep = []
-    if "9" in wanted:
-        sweep += [f"k{j}" for j in range(1, 6)]
-    if "10" in wanted:
-        sweep += [f"m{v}" for v in m_values]
-    sweep = list(dict.fromkeys(sweep))
+    def __init__(self, cfg: RunConfig, out: Path, dataset: str, size: str, sweep_stages: str, log):
+        from genperc import build
+        from genperc.diffusion.schedule import NoiseSchedule
+        from genperc.training.genrep import GenRepConfig, open_split
 
-    def _valid(v: str) -> bool:
-        m, kk = (int(v[1:]), k0) if v.startswith("m") else (m0, int(v[1:]))
+        self.cfg, self.out, self.sweep_stages, self.log = cfg, out, sweep_stages, log
+        self.base_g = cfg.task_options.get("genrep", {})
+        self.gcfg = GenRepConfig.from_dict(self.base_g)
+        self.schedule = NoiseSchedule(cfg.diffusion)
+        self.task = build.build_task(cfg)
+        self.train_src = open_split(cfg, cfg.data.train_split)
+        self.train_ds = self.task.dataset(self.train_src, cfg.data.resolution)
+        self.eval_ds = self.task.dataset(open_split(cfg, cfg.data.val_split), cfg.data.resolution)
+        self.num_classes = self.task.num_classes
+        self.shared_dir = out / "shared"
+        self.shared_dir.mkdir(exist_ok=True)
+        self.results_path = out / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {"runs": {}}
+        self.results.update({"dataset": dataset, "size": size, "classes": self.task.class_names,
+                             "train_images": len(self.train_ds), "eval_images": len(self.eval_ds),
+                             "machine": machine_line()})
+
+    def save(self) -> None:
+        self.results_path.write_text(json.dumps(self.results, indent=1))
+
+    # -- shared parts -----------------------------------------------------------------------------
+
+    def prepare_shared_parts(self) -> SharedParts:
+        from genperc.training.genrep import train_generator
+
+        t0 = time.perf_counter()
+        gen_cfg = load_config(base=self.cfg.to_dict(), overrides=["train.seed=0"])
+        generator, _, gen_s = train_generator(gen_cfg, self.shared_dir, self.task, self.train_src, self.gcfg,
+                                              log=self.log)
+        if gen_s:
+            self.results["generator_s"] = gen_s
+        extractor = self._feature_extractor()
+        cache, temperature = self._posterior_cache(generator)
+        self.log(f"shared parts ready in {time.perf_counter() - t0:.0f} s; teacher top-1 "
+                 f"{self.results['teacher']['tau']['top1']:.3f} at τ={temperature:.3g}")
+        if "posterior_cost" not in self.results:
+            from genperc.training.genrep import cache_labels
+
+            self.results["posterior_cost"] = posterior_cost(generator, self.train_ds, self.gcfg.posterior,
+                                                            self.schedule, self.num_classes, labels_fn=cache_labels,
+                                                            temperature=temperature)
+        self.save()
+        return SharedParts(generator, extractor, cache, temperature)
+
+    def _feature_extractor(self):
+        """The FID / precision / recall feature network (trained once) or a TorchScript one."""
+        from safetensors.torch import load_file, save_file
+
+        from genperc.evaluation.genrep import FeatureExtractor, FeatureNet, real_images, train_feature_net
+
+        path = self.shared_dir / "featurenet.safetensors"
+        if path.is_file():
+            fnet = FeatureNet(self.num_classes)
+            fnet.load_state_dict(load_file(str(path)))
+            fnet.eval()
+        else:
+            fnet = train_feature_net(self.train_ds, self.num_classes, seed=0)
+            save_file(fnet.state_dict(), str(path))
+        if "featurenet_top1" not in self.results:
+            xr, yr = real_images(self.eval_ds)
+            self.results["featurenet_top1"] = float((FeatureExtractor(fnet).classify(xr) == yr).float().mean())
+        fe = self.gcfg.eval.feature_extractor
+        return FeatureExtractor(torchscript=fe.split(":", 1)[1]) if fe.startswith("torchscript:") else FeatureExtractor(fnet)
+
+    def _posterior_cache(self, generator):
+        """The frozen generator's cache (computed once), the fitted τ and the teacher's accuracy."""
+        from genperc.evaluation.genrep import teacher_accuracy
+        from genperc.training.genrep import build_posterior_cache, cache_labels
+        from genperc.training.posterior import PosteriorCache, fit_temperature, kept_states
+
+        pc = self.gcfg.posterior
+        path = self.shared_dir / f"posterior-{pc.steps}steps-{pc.density}-{pc.subset or 'all'}.safetensors"
+        if path.is_file():
+            cache = PosteriorCache.load(path)
+        else:
+            cache, cost = build_posterior_cache(generator, self.train_ds, pc, self.schedule, self.num_classes, seed=0)
+            cache.save(path)
+            self.results["posterior_cache"] = cost
+            self.save()
+        present = cache.present.nonzero().flatten()
+        labels = cache_labels(self.train_ds, present)
+        kept = kept_states(pc.steps, pc.burn_in, pc.thinning, pc.thinning_anchor)
+        log_densities = cache.log_densities[present]
+        tau = fit_temperature(log_densities, labels, kept) if pc.fit_temperature else pc.temperature
+        self.results["temperature"] = tau
+        self.results["teacher"] = {"tau=1": teacher_accuracy(log_densities, labels, kept, 1.0),
+                                   "tau": teacher_accuracy(log_densities, labels, kept, tau)}
+        return cache, tau
+
+    # -- the runs ---------------------------------------------------------------------------------
+
+    def plan_jobs(self, wanted: set[str]) -> list[tuple[str, bool, dict]]:
+        """(variant, full evaluation, GenRep settings) of every run of one seed."""
+        pc = self.gcfg.posterior
+        variants: list[tuple[str, bool]] = []
+        if wanted & {"8", "11", "14"}:
+            variants += [(v, True) for v in T8]
+        elif "13" in wanted:
+            variants += [("full", True)]
+        if "13" in wanted:
+            variants += [("one-sided", True)]
+        m_values = sorted({max(0, round(pc.burn_in * f)) for f in (0.5, 1.0, 1.5, 2.0, 2.5)})
+        sweep = ([f"k{j}" for j in range(1, 6)] if "9" in wanted else []) + \
+                ([f"m{v}" for v in m_values] if "10" in wanted else [])
+        sweep = [v for v in dict.fromkeys(sweep) if self._sweep_point_valid(v)]
+        self.results["m_values"], self.results["k_values"] = m_values, list(range(1, 6))
+        self.results["defaults"] = {"m": pc.burn_in, "k": pc.thinning, "steps": pc.steps}
+        jobs = [(v, full, _variant(v, self.base_g)) for v, full in variants]
+        for v in sweep:
+            g = _variant(v, self.base_g)
+            if self.sweep_stages == "full":
+                g["stages"]["unified"] = True
+            jobs.append((v, self.sweep_stages == "full", g))
+        return jobs
+
+    def _sweep_point_valid(self, name: str) -> bool:
+        from genperc.training.posterior import kept_states
+
+        pc = self.gcfg.posterior
+        m, k = (int(name[1:]), pc.thinning) if name.startswith("m") else (pc.burn_in, int(name[1:]))
         try:
-            kept_states(pc.steps, m, kk, pc.thinning_anchor)
+            kept_states(pc.steps, m, k, pc.thinning_anchor)
             return True
         except UserError:
-            log(f"skipping {v}: no chain state left (steps={pc.steps}, m={m}, k={kk})")
+            self.log(f"skipping {name}: no chain state left (steps={pc.steps}, m={m}, k={k})")
             return False
 
-    sweep = [v for v in sweep if _valid(v)]
-    results["m_values"], results["k_values"] = m_values, list(range(1, 6))
-    results["defaults"] = {"m": m0, "k": k0, "steps": pc.steps}
-    ecfg = gcfg.eval
-    for seed in range(seeds):
-        scfg = load_config(base=cfg.to_dict(), overrides=[f"train.seed={seed}"])
+    def run_seed(self, seed: int, jobs: list[tuple[str, bool, dict]], shared: SharedParts) -> None:
+        """Train and evaluate every job of one seed (a finished one is skipped); variants with equal
+        stage-1 settings share stage 1."""
+        from genperc.training.genrep import GenRepConfig, train_genrep
+
+        scfg = load_config(base=self.cfg.to_dict(), overrides=[f"train.seed={seed}"])
         stage1_owner: dict[str, Path] = {}
-        jobs = [(v, full, _variant(v, base_g)) for v, full in variants]
-        for v in sweep:
-            g = _variant(v, base_g)
-            if sweep_stages == "full":
-                g["stages"]["unified"] = True
-            jobs.append((v, sweep_stages == "full", g))
         for name, full_eval, g in jobs:
             key = f"{name}-s{seed}"
-            run = out / "runs" / key
-            if key in results["runs"] and "top1" in results["runs"][key]:
+            run = self.out / "runs" / key
+            if key in self.results["runs"] and "top1" in self.results["runs"][key]:
                 continue
             gc = GenRepConfig.from_dict(g)
-            s1k = _stage1_key(g)
-            log(f"== {key}")
-            res = train_genrep(scfg, run, train_source=train_src, gcfg=gc, generator=generator,
-                               posterior_cache=cache if gc.posterior.enabled else None, temperature=tau,
-                               stage1_from=stage1_owner.get(s1k), log=log)
-            stage1_owner.setdefault(s1k, run)
-            ev = EvalConfig(**{**ecfg.__dict__, "seed": seed})
-            if not full_eval:
-                ev.generation = False
-                ev.noise_levels = []
-            metrics = evaluate_genrep(res.model, eval_ds, schedule=schedule, num_classes=k, cfg=ev,
-                                      extractor=extractor, out_dir=run / "eval", names=task.class_names)
-            metrics["timing"] = res.timing
-            if res.align_history:
-                cos = [h["cos"] for h in res.align_history if not math.isnan(h.get("cos", math.nan))]
-                if cos:
-                    metrics["align_cos_mean"] = statistics.mean(cos)
-                    metrics["align_conflict_share"] = sum(c < 0 for c in cos) / len(cos)
-            (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            results["runs"][key] = metrics
-            save()
-            log(f"   top1 {metrics['top1']:.3f} ece {metrics['ece']:.3f}"
-                + (f" fid {metrics['fid']:.2f}" if "fid" in metrics else ""))
-    results["seeds"] = seeds
-    results["sweep_stages"] = sweep_stages
-    save()
-    (out / "tables.md").write_text(render_tables(results, wanted))
-    return results
+            self.log(f"== {key}")
+            res = train_genrep(scfg, run, train_source=self.train_src, gcfg=gc, generator=shared.generator,
+                               posterior_cache=shared.cache if gc.posterior.enabled else None,
+                               temperature=shared.temperature, stage1_from=stage1_owner.get(_stage1_key(g)),
+                               log=self.log)
+            stage1_owner.setdefault(_stage1_key(g), run)
+            metrics = self.evaluate(res, run, seed, full_eval, shared)
+            self.results["runs"][key] = metrics
+            self.save()
+            self.log(f"   top1 {metrics['top1']:.3f} ece {metrics['ece']:.3f}"
+                     + (f" fid {metrics['fid']:.2f}" if "fid" in metrics else ""))
 
+    def evaluate(self, res, run: Path, seed: int, full_eval: bool, shared: SharedParts) -> dict:
+        """The run's metrics (``run/metrics.json``): perception, and generation when ``full_eval``;
+        its timing and alignment statistics."""
+        from genperc.evaluation.genrep import EvalConfig, evaluate_genrep
 
+        ev = EvalConfig(**{**self.gcfg.eval.__dict__, "seed": seed})
+        if not full_eval:
+            ev.generation = False
+            ev.noise_levels = []
+        metrics = evaluate_genrep(res.model, self.eval_ds, schedule=self.schedule, num_classes=self.num_classes,
+                                  cfg=ev, extractor=shared.extractor, out_dir=run / "eval",
+                                  names=self.task.class_names)
+        metrics["timing"] = res.timing
+        cos = [h["cos"] for h in res.align_history if not math.isnan(h.get("cos", math.nan))]
+        if cos:
+            metrics["align_cos_mean"] = statistics.mean(cos)
+            metrics["align_conflict_share"] = sum(c < 0 for c in cos) / len(cos)
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics
 
 
 def posterior_cost(generator, dataset, pc, schedule, k: int, *, labels_fn, images: int = 60,
@@ -304,7 +350,7 @@ def posterior_cost(generator, dataset, pc, schedule, k: int, *, labels_fn, image
     full chain's — including the full chain with other noise, the Monte-Carlo noise floor."""
     from dataclasses import replace
 
-    from genperc.training.genrep import _inference
+    from genperc.training.genrep import teacher_mode
     from genperc.training.posterior import chain_log_densities, kept_states, posterior_from_log_densities
 
     n = min(images, len(dataset))
@@ -323,7 +369,7 @@ def posterior_cost(generator, dataset, pc, schedule, k: int, *, labels_fn, image
             continue
         g = torch.Generator().manual_seed(chain_seed)
         t0 = time.perf_counter()
-        with _inference(generator):
+        with teacher_mode(generator):
             ld, _ = chain_log_densities(generator, x, torch.arange(k), schedule=schedule, steps=steps, generator=g,
                                         density=c.density, batch_size=c.batch_size)
         sec = (time.perf_counter() - t0) / n
@@ -345,7 +391,8 @@ def render_tables(results: dict, wanted: set[str]) -> str:
     def vals(variant: str, metric: str) -> list:
         return [runs[f"{variant}-s{s}"].get(metric) for s in range(seeds) if f"{variant}-s{s}" in runs]
 
-    lines = [f"# GenRep diagnostics on {results['dataset']} ({results['preset']} preset)", "",
+    size = results.get("size", results.get("preset"))  # results.json of older runs say "preset"
+    lines = [f"# GenRep diagnostics on {results['dataset']} ({size} size)", "",
              f"Machine: {results.get('machine', '?')}. {seeds} seed(s), mean ± std. "
              f"{results['train_images']} training / {results['eval_images']} evaluation images, "
              f"{len(results.get('classes', []))} classes. Top-1 and ECE in % / fraction as labelled; FID, "

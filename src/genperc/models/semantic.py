@@ -19,17 +19,23 @@ Choices the paper leaves open, each a key of :class:`SemanticConfig`:
   posterior mean is affine in the prediction with a known per-t coefficient c(t), so this *is*
   μ += c(t)·W_t·concat(x_t, x_sem) — a per-timestep learned linear map, as Eq. 7 asks (c(t) is
   absorbed into W_t).
-* **W_t.** One 1×1 channel-mixing matrix [C, 2C] per timestep bucket (``buckets`` equal ranges of
-  the T training steps), no bias, zero-initialised (the pretrained behaviour is kept at start).
+* **W_t (``buckets``).** Eq. 7 writes one W_t per timestep; genperc shares one 1×1
+  channel-mixing matrix [C, 2C] within each of ``buckets`` equal ranges of the T training steps
+  (t·buckets // T) — ``buckets: 10`` by default, a choice of genperc; ``buckets`` = T
+  (``num_train_timesteps``, 1000) is one W_t per timestep as Eq. 7 writes. No bias,
+  zero-initialised (the pretrained behaviour is kept at start).
 * **Variance factor kept positive.** 1 + f_σ = exp(g) with g = MLP(x_sem) whose last layer is
   zero-initialised (factor 1 at start); the factor multiplies the *variance*. It is applied through
-  the learned-variance channel: v' = v + 2g / (log β_t − log β̃_t), which multiplies the
-  ``learned_range`` variance of a single-step DDPM transition by exactly exp(g) (strided DDPM
-  steps see it approximately, through their own β range). At large t, β_t and β̃_t almost
-  coincide, so a given factor needs a large shift of v; diffusers' ``learned_range`` arithmetic
-  (frac·log β + (1 − frac)·log β̃ in float32) then loses about 1e-2 in log σ² — a limit of the
-  learned-range parameterisation, not of the factor. The MLP reads x_sem average-pooled to
-  ``var_pool``×``var_pool``.
+  the learned-variance channel: v' = v + 2g / w_t with w_t = max(log β_t − log β̃_t, 1e-6)
+  (``MIN_LOG_BETA_RANGE``), which multiplies the ``learned_range`` variance of a single-step DDPM
+  transition by exp(g·(log β_t − log β̃_t)/w_t): **exactly exp(g) wherever the β range is at least
+  1e-6, and less where the clamp bites** — at t near T, where β̃_t → β_t (for the linear schedule
+  of T = 1000 the last few steps; ``variance_factor_exponent`` gives the exact exponent per t).
+  The clamp keeps v finite: without it the shift 2g/w_t grows without bound as w_t → 0. Strided
+  DDPM steps see the factor approximately, through their own β range. Even above the clamp a
+  large shift of v costs precision in float32 (frac·log β + (1 − frac)·log β̃ loses about 1e-2
+  in log σ² at large t) — a limit of the learned-range parameterisation. The MLP reads x_sem
+  average-pooled to ``var_pool``×``var_pool``.
 * **What x_sem is.** In training, x_sem comes from the EMA semantic network ε_sem run on the same
   (x_t, t, y): its x̂0 prediction (``representation: x0``, clipped to [−1, 1]) or its raw output
   (``raw``). x_sem must be a function of x_t only — feeding a representation of the clean image
@@ -40,8 +46,10 @@ Choices the paper leaves open, each a key of :class:`SemanticConfig`:
 * **L_rep_align.** REPA (Yu et al. 2024): negative cosine similarity, per spatial position,
   between a 3-layer MLP projection (1×1 convolutions) of the unified denoiser's hidden state at
   tap ``rep_student_tap`` on x_t and the semantic network's features at ``rep_target_tap`` on the
-  clean image (``rep_target_input: clean``, REPA's choice) or on x_t (``noisy``); the target is
-  average-pooled / resized to the student's grid. Weight ``rep_weight`` (REPA: 0.5).
+  clean image (``rep_target_input: clean``, REPA's choice) or on x_t (``noisy``: the ε_sem pass of
+  the same micro-batch's x_t, one per micro-batch); the target is average-pooled / resized to the
+  student's grid. Weight ``rep_weight``: 1 by default, as Eq. 10 writes L_genera = L_LDM +
+  L_rep_align; REPA's own λ is 0.5 (``rep_weight: 0.5``).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from genperc.models.denoiser import Denoiser, DenoiserConfig
 from genperc.models.heads import FeatureTaps, HeadConfig, PerceptionHeads, available_taps, default_taps
 
 _FORMAT = "genperc.GenRepModel"
+MIN_LOG_BETA_RANGE = 1e-6  # the clamp of the learned-range width in the variance factor
 REPRESENTATIONS = ("x0", "raw")
 INFERENCE_SEMANTICS = ("x_t", "none")
 
@@ -72,14 +81,14 @@ class SemanticConfig:
     """Semantic-driven generation (GenRep Eq. 6–10); see the module docstring for every key."""
 
     modulation: bool = True  # Eq. 6–9 noise adjustment on/off (Table 12 "Noise Adjust.")
-    buckets: int = 10
+    buckets: int = 10  # W_t shared within 10 timestep ranges; T = one W_t per timestep (Eq. 7)
     representation: str = "x0"  # x0 | raw
     var_pool: int = 4
     var_hidden: int = 64
     inference: str = "x_t"  # x_t | none
     semantic_dropout: float = 0.0
     rep_align: bool = True  # Eq. 10 L_rep_align on/off (Table 12)
-    rep_weight: float = 0.5
+    rep_weight: float = 1.0  # Eq. 10: 1; REPA: 0.5
     rep_student_tap: str = ""  # "" = mid (UNet) / a block at depth/3 (DiT)
     rep_target_tap: str = ""  # "" = the first (coarsest) perception tap
     rep_target_input: str = "clean"  # clean | noisy
@@ -113,8 +122,8 @@ class SemanticModulation(nn.Module):
                                      nn.Linear(var_hidden, 1))
         nn.init.zeros_(self.var_mlp[-1].weight)
         nn.init.zeros_(self.var_mlp[-1].bias)
-        # log β_t − log β̃_t (clipped at t = 0), the width of the learned_range interval
-        self.register_buffer("log_beta_range", log_beta_range.float().clamp(min=1e-6))
+        # log β_t − log β̃_t (clipped at t = 0), the width of the learned_range interval, clamped
+        self.register_buffer("log_beta_range", log_beta_range.float().clamp(min=MIN_LOG_BETA_RANGE))
 
     def bucket(self, t: Tensor) -> Tensor:
         t = t.long().clamp(0, self.num_train_timesteps - 1)
@@ -124,6 +133,11 @@ class SemanticModulation(nn.Module):
         w = self.weight[self.bucket(t)]  # [B, C, 2C]
         z = torch.cat([x_t, x_sem.to(x_t.dtype)], dim=1)
         return torch.einsum("boc,bchw->bohw", w.to(z.dtype), z)
+
+    def variance_factor_exponent(self, true_log_beta_range: Tensor) -> Tensor:
+        """Per t, the multiple of g by which the modulation shifts log σ²: (log β_t − log β̃_t)/w_t,
+        1 where the clamp does not bite (module docstring)."""
+        return true_log_beta_range.double() / self.log_beta_range.double()
 
     def log_variance_factor(self, x_sem: Tensor) -> Tensor:
         """g = log(1 + f_σ(x_sem)), [B]."""
@@ -171,7 +185,7 @@ class GenRepModel(nn.Module):
     """Denoiser + perception heads + semantic modulation + REPA projector, one ``nn.Module``.
 
     ``forward(x_t, t, cond)`` is a drop-in denoiser (the trainer and the sampler call it): the raw
-    output, modulated by x_sem when the modulation is on. x_sem is ``cond.semantic`` when given,
+    output, modulated by x_sem when the modulation is on. x_sem is the ``x_sem`` argument when given,
     else — in training, when a semantic source is attached with :meth:`attach_semantic` — the EMA
     semantic network's representation of (x_t, t, y), else x_t (``inference: x_t``) or nothing.
     The tapped decoder features of the last forward are kept in ``last_features`` (REPA reads the
@@ -179,10 +193,7 @@ class GenRepModel(nn.Module):
 
     ``perceive(x)`` runs the noise-free perception pass (t = ``perception_t``, the null class —
     the true label is unknown at test time, an explicit choice; GenRep §3.1 conditions on y) and
-    returns the heads' outputs.
-
-    ``generation=False`` (stage 1) makes ``forward`` return zeros without running the denoiser:
-    the trainer always makes one forward per step, which stage 1 does not need.
+    returns the heads' outputs. The perception stage (stage 1) calls only ``perceive``.
     """
 
     def __init__(self, denoiser: Denoiser, num_classes: int, heads: HeadConfig | None = None,
@@ -215,7 +226,6 @@ class GenRepModel(nn.Module):
             self.modulation = SemanticModulation(c, log_beta_range, sc.buckets, sc.var_pool, sc.var_hidden)
         self.projector = (RepProjector(self.tap_channels[self.student_tap], self.tap_channels[self.target_tap],
                                        sc.projector_hidden) if sc.rep_align else None)
-        self.generation = True
         self.last_features: dict[str, Tensor] = {}
         self._semantic_source = None  # a plain callable, never a registered submodule
         self._text_dim = 0 if text_embeddings is None else int(text_embeddings.shape[1])
@@ -251,10 +261,7 @@ class GenRepModel(nn.Module):
 
     # -- forward passes -------------------------------------------------------------------------
 
-    def forward(self, x_t: Tensor, t, cond: Conditioning | None = None) -> Tensor:
-        if not self.generation:
-            c = self.denoiser.config.out_channels
-            return x_t.new_zeros(x_t.shape[0], c, *x_t.shape[2:])
+    def forward(self, x_t: Tensor, t, cond: Conditioning | None = None, x_sem: Tensor | None = None) -> Tensor:
         cond = cond if cond is not None else Conditioning()
         raw = self.denoiser(x_t, t, cond)
         self.last_features = self.taps.pop()
@@ -263,7 +270,6 @@ class GenRepModel(nn.Module):
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        x_sem = cond.semantic
         if x_sem is None and self.training and self._semantic_source is not None:
             x_sem = self._semantic_source(x_t, t, cond)
         if x_sem is None:
@@ -321,7 +327,6 @@ class GenRepModel(nn.Module):
         if other.modulation is not None:
             other.modulation.log_beta_range = self.modulation.log_beta_range.clone()
         other.load_state_dict(self.state_dict())
-        other.generation = self.generation
         return other.to(next(self.parameters()).device)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

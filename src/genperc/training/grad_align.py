@@ -25,13 +25,14 @@ Explicit choices:
   everywhere.
 * **Zero gradients.** If either aligned gradient is zero the projections are undefined; the
   update is then w_p·g_p + w_g·g_g (α and cos are reported as NaN).
-* **Loss groups.** Losses whose names start with ``percept/`` form L_percept, those starting with
-  ``genera/`` form L_genera; anything else is added to L_percept (logged names are kept).
+* **Loss groups.** The trainer hands the combiner its losses by the objectives' ``group``:
+  ``perception`` sums to L_percept, ``generation`` to L_genera; any other group is an error.
 * **DDP.** The combiner does its own reduction: it computes each group's local gradient with
   ``torch.autograd.grad``, all-reduces (averages) *each* group's gradient over the processes, and
   only then aligns — so every rank computes the same update, equal to the single-process update
   on the concatenated batch (the projections are nonlinear: aligning per rank and averaging would
-  not be). The model must therefore not be wrapped in DDP (the GenRep driver unwraps it).
+  not be). It says so with ``reduces_gradients = True``, and the trainer then keeps DDP from
+  reducing the gradients a second time (every micro-batch runs under ``no_sync``).
 * **Gradient accumulation.** Alignment is per micro-batch; updates are accumulated into ``.grad``.
 * fp16 loss scaling is not supported (bf16 and fp32 are).
 """
@@ -141,15 +142,20 @@ def _all_reduce_mean(tensors: list[Tensor]) -> None:
         offset += n
 
 
-def split_losses(losses: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-    """(L_percept, L_genera) from named losses (``percept/…`` and ``genera/…``; others → percept)."""
-    p = [v for k, v in losses.items() if not k.startswith("genera/")]
-    g = [v for k, v in losses.items() if k.startswith("genera/")]
-    return (sum(p) if p else None), (sum(g) if g else None)
+GROUPS = ("perception", "generation")
+
+
+def group_sums(groups: dict[str, dict[str, Tensor]]) -> tuple[Tensor | None, Tensor | None]:
+    """(L_percept, L_genera): the sums of the ``perception`` and ``generation`` loss groups."""
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"gradient alignment combines the loss groups {GROUPS}, got {sorted(unknown)}")
+    sums = [sum(groups[g].values()) if groups.get(g) else None for g in GROUPS]
+    return sums[0], sums[1]
 
 
 class GradientAlignmentCombiner:
-    """A gradient combiner for the one trainer: ``backward(losses, accelerator, scale)``.
+    """A gradient combiner for the one trainer: ``backward(groups, accelerator, scale)``.
 
     ``parameters``: every trainable parameter; ``aligned``: the subset aligned (``params:
     attention``) or None for every parameter that receives both gradients (``shared``).
@@ -167,10 +173,10 @@ class GradientAlignmentCombiner:
         self.aligned_mask = [ids is None or id(p) in ids for p in self.params]
         self.last: dict[str, float] = {}
 
-    def backward(self, losses: dict[str, Tensor], accelerator=None, scale: float = 1.0) -> None:
+    def backward(self, groups: dict[str, dict[str, Tensor]], accelerator=None, scale: float = 1.0) -> None:
         if accelerator is not None and getattr(accelerator, "mixed_precision", "no") == "fp16":
             raise UserError("gradient alignment does not support fp16 loss scaling", "use train.mixed_precision=bf16 or no")
-        l_p, l_g = split_losses(losses)
+        l_p, l_g = group_sums(groups)
         grads = {}
         for name, loss in (("p", l_p), ("g", l_g)):
             if loss is None or not loss.requires_grad:

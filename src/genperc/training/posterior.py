@@ -22,19 +22,28 @@ Choices the paper leaves open (each a key of :class:`PosteriorConfig`):
   sampler's learned-range variance of that (possibly strided) step; the last step (to x_0) adds no
   noise in DDPM, so its density uses improved DDPM's decoder variance
   frac·log β_0 + (1 − frac)·log β̃_1.
-* **Which states are kept.** ``thinning_anchor: end`` follows Algorithm 1 line 18 literally:
-  with the chain's steps numbered t = S … 1 (1 = the last), keep t < S − m + 1 (the first m
-  discarded) with t mod k = 0 — for k ≥ 2 the very last state is *not* kept. ``start`` keeps the
-  first state after burn-in and every k-th after it.
+* **Which states are kept.** ``thinning_anchor: end`` is Algorithm 1 line 18: with the chain's
+  steps numbered t = S … 1 (S = ``steps``; the state appended at step t is that step's output),
+  keep the states with t < S − m and t mod k = 0. The line prints "T mod k = 0" with a capital T,
+  a condition that does not depend on the step (it would keep every state or none); we read it as
+  t mod k, which line 29's normalisation by T//k (every k-th state) confirms. So the first m + 1
+  states are discarded (t = S … S − m), and for k ≥ 2 the very last state (t = 1) is not kept.
+  ``start`` (a genperc option) keeps the first state after m burn-in states and every k-th after it.
 * **Density target.** ``density: x`` evaluates the clean x under each state's transition Gaussian,
   as Eq. 2 writes (a mismatch the paper's App. A.5 acknowledges: the states are noisy);
   ``noised`` evaluates the forward-noised x at that state's noise level (same shared noise), a
-  consistent alternative.
+  consistent alternative; the level is the sampler's own previous timestep of the step
+  (``TrajectoryStep.prev_timestep``), right under every timestep spacing.
 * **Temperature τ.** The log-densities are sums over D = C·H·W dimensions (3,072 at 32×32), so
   class differences are hundreds of nats and τ = 1 gives a posterior that is one-hot in all but
   name — a hard label, not the "soft posterior" the paper wants to distil. ``temperature`` sets τ;
   ``fit_temperature`` fits τ on the cached training posteriors by minimising the NLL of the true
   labels (temperature scaling, Guo et al. 2017) — a choice of genperc, reported with the fitted τ.
+* **Teacher.** ``teacher: current`` (the default) is Algorithm 1: the chains are run by the model
+  being trained, every step (``cache: false``), in eval mode. ``frozen`` is the cheap option —
+  the stage-0 generator, whose posteriors can be cached once before stage 1 (``cache: true``);
+  it is *not* the paper's setting (the run configs of ``genperc experiment genrep`` use it and
+  say so).
 
 Cost: C classes × ``steps`` denoiser calls per image. Ways to pay less (measured by
 ``genperc experiment genrep``): fewer chain ``steps``; a per-image cache (the per-state
@@ -51,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from genperc.diffusion.bayes import posterior_from_log_densities
 from genperc.diffusion.conditioning import Conditioning
 from genperc.errors import UserError
 
@@ -71,8 +81,8 @@ class PosteriorConfig:
     density: str = "x"  # x | noised
     temperature: float = 1.0  # τ
     fit_temperature: bool = False
-    teacher: str = "frozen"  # frozen (the pretrained generator) | current (the model being trained)
-    cache: bool = True  # per-image cache of the per-state log-densities
+    teacher: str = "current"  # current (Algorithm 1: the model being trained) | frozen (the stage-0 generator)
+    cache: bool = False  # per-image cache of the per-state log-densities (frozen: computed once before stage 1)
     subset: int = 0  # training images that get a posterior (0 = all); the first N of a seeded permutation
     refresh_epochs: float = 0.0  # recompute a cached entry after this many epochs (teacher=current; 0 = never)
     fraction: float = 1.0  # share of each batch computed on the fly when not cached
@@ -100,12 +110,11 @@ def kept_states(num_states: int, burn_in: int, thinning: int, anchor: str = "end
     if anchor not in ANCHORS:
         raise UserError(f"unknown thinning anchor {anchor!r}", "use end or start")
     idx = torch.arange(num_states)
-    after = idx >= burn_in
-    if anchor == "end":
-        t_paper = num_states - idx  # S … 1
-        keep = after & (t_paper % thinning == 0)
+    if anchor == "end":  # Algorithm 1 line 18: t < T − m and t mod k = 0, with t = S … 1
+        t_algorithm = num_states - idx
+        keep = (t_algorithm < num_states - burn_in) & (t_algorithm % thinning == 0)
     else:
-        keep = after & ((idx - burn_in) % thinning == 0)
+        keep = (idx >= burn_in) & ((idx - burn_in) % thinning == 0)
     kept = idx[keep]
     if kept.numel() == 0:
         raise UserError(f"burn-in {burn_in} and thinning {thinning} leave no state of a {num_states}-step chain",
@@ -118,16 +127,6 @@ def gaussian_log_density(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
     log_var = log_var.expand_as(mean)
     per = (x - mean) ** 2 * torch.exp(-log_var) + log_var + math.log(2 * math.pi)
     return -0.5 * per.flatten(1).sum(1)
-
-
-def posterior_from_log_densities(log_densities: Tensor, kept: Tensor | None = None,
-                                 temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(log p(x|y) [..., K], log p(y|x) [..., K]) from per-state log-densities [..., K, S]."""
-    ld = log_densities if kept is None else log_densities.index_select(-1, kept.to(log_densities.device))
-    log_lik = torch.logsumexp(ld, dim=-1) - math.log(ld.shape[-1])
-    # uniform prior: log p(y) is the same for every y and cancels in the softmax
-    log_post = torch.log_softmax(log_lik / temperature, dim=-1)
-    return log_lik, log_post
 
 
 @dataclass
@@ -165,12 +164,10 @@ def chain_log_densities(model, x: Tensor, classes, *, schedule, steps: int, gene
     if density not in DENSITIES:
         raise UserError(f"unknown posterior density {density!r}", "use x or noised")
     classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
-    K = int(classes.numel())
-    B = x.shape[0]
-    seeds = torch.randint(0, 2**62, (B,), generator=generator, device=generator.device).cpu()
-    per_chunk = max(1, batch_size // K)
+    seeds = torch.randint(0, 2**62, (x.shape[0],), generator=generator, device=generator.device).cpu()
+    per_chunk = max(1, batch_size // int(classes.numel()))
     out, steps_t = [], None
-    for start in range(0, B, per_chunk):
+    for start in range(0, x.shape[0], per_chunk):
         xb = x[start:start + per_chunk]
         ld, steps_t = _chunk_log_densities(model, xb, classes, seeds[start:start + xb.shape[0]], schedule=schedule,
                                            steps=steps, density=density)
@@ -184,21 +181,21 @@ def _chunk_log_densities(model, xb: Tensor, classes: Tensor, seeds: Tensor, *, s
     from genperc.diffusion.sampler import sample
     from genperc.diffusion.variance import clipped_log_posterior_variance, learned_log_variance
 
-    K = int(classes.numel())
-    nb, C = xb.shape[:2]
+    num_classes = int(classes.numel())
+    num_images, channels = xb.shape[:2]
     device = xb.device
     learned = schedule.config.learned_variance
-    gens = _row_generators(seeds, K, device)
+    gens = _row_generators(seeds, num_classes, device)
     x_T = torch.stack([torch.randn(xb.shape[1:], generator=g, device=g.device) for g in gens]).to(device, xb.dtype)
-    labels = classes.to(device).repeat(nb)
-    target = xb.repeat_interleave(K, dim=0)
+    labels = classes.to(device).repeat(num_images)
+    target = xb.repeat_interleave(num_classes, dim=0)
     captured: dict[str, Tensor | None] = {}
     dens: list[Tensor] = []
     ts: list[int] = []
 
     def wrapped(z, t, cond):
         o = model(z, t, cond)
-        captured["v"] = o[:, C:] if o.shape[1] == 2 * C else None
+        captured["v"] = o[:, channels:] if o.shape[1] == 2 * channels else None
         return o
 
     def on_step(step):
@@ -212,8 +209,7 @@ def _chunk_log_densities(model, xb: Tensor, classes: Tensor, seeds: Tensor, *, s
         if density == "x":
             tgt = target
         else:  # the forward-noised x at the level of this state's output, with the shared x_T as noise
-            t_prev = t - schedule.num_train_timesteps // steps
-            ab = schedule.alpha_bar(max(t_prev, -1)).to(device, xb.dtype)
+            ab = schedule.alpha_bar(step.prev_timestep).to(device, xb.dtype)
             tgt = ab.sqrt() * target + (1 - ab).sqrt() * x_T
         lv = log_var.double()
         if lv.ndim <= 1:
@@ -223,7 +219,7 @@ def _chunk_log_densities(model, xb: Tensor, classes: Tensor, seeds: Tensor, *, s
 
     sample(wrapped, x_T, Conditioning(class_labels=labels), schedule=schedule, sampler="ddpm", num_steps=steps,
            generator=gens, callback=on_step)
-    return torch.stack(dens, dim=-1).view(nb, K, -1).cpu(), torch.tensor(ts, dtype=torch.long)
+    return torch.stack(dens, dim=-1).view(num_images, num_classes, -1).cpu(), torch.tensor(ts, dtype=torch.long)
 
 
 def generative_posterior(model, x: Tensor, classes=None, *, schedule, steps: int = 50, burn_in: int = 12,

@@ -1,7 +1,7 @@
 """Strategy objects the one trainer composes: conditioning dropout, objectives, gradient combiners.
 
 The training step is ``t ~ sampler → x0' = task.augment(x0, t) → x_t = add_noise(x0', ε, t) →
-losses = objectives(...) → combiner.backward(losses)``; each arrow is a strategy chosen by config
+groups = {objective.group: objective(ctx)} → combiner.backward(groups)``; each arrow is a strategy chosen by config
 so that ADDP (timestep sampling, augmentation) and GenRep (extra objectives, symmetric gradient
 alignment) plug in without editing the loop (DESIGN.md).
 """
@@ -68,7 +68,7 @@ def _device_of(cond: Conditioning):
 class StepContext:
     """Everything an objective may read in one training step."""
 
-    output: Tensor  # raw model output
+    output: Tensor | None  # raw model output (None when no objective uses it: Trainer skips the forward)
     x0: Tensor  # the clean target (after space encoding), never the augmented one
     x_t: Tensor
     noise: Tensor
@@ -161,7 +161,9 @@ class DiffusionObjective:
 
 
 class SumCombiner:
-    """Backpropagate the sum of all losses (the plain gradient)."""
+    """Backpropagate the sum of every loss of every group (the plain gradient); DDP reduces it."""
 
-    def backward(self, losses: dict[str, Tensor], accelerator, scale: float = 1.0) -> None:
-        accelerator.backward(sum(losses.values()) * scale)
+    reduces_gradients = False
+
+    def backward(self, groups: dict[str, dict[str, Tensor]], accelerator, scale: float = 1.0) -> None:
+        accelerator.backward(sum(loss for losses in groups.values() for loss in losses.values()) * scale)

@@ -8,18 +8,34 @@ One step, for each of ``grad_accum`` micro-batches::
     t, w ~ timestep strategy                                 diffusion.timesteps (ADDP §3.1)
     x0' = task.augment(x0, t)                                task codec (ADDP §3.2)
     x_t = add_noise(x0', ε, t); out = model(x_t, t, cond)
-    losses = objectives(ctx)                                 strategies.DiffusionObjective, …
-    combiner.backward(losses)                                strategies.SumCombiner, …
+    groups = {obj.group: obj(ctx)}                           strategies.DiffusionObjective, …
+    combiner.backward(groups)                                strategies.SumCombiner, …
 
-then clip, optimizer and LR-schedule step, EMA update. Every random draw (data order, timesteps,
-noise, dropout) comes from generators owned by the trainer and saved in checkpoints, so a resumed
-run continues bit for bit. Mixed precision, gradient accumulation and multi-process DDP
-(``accelerate launch``) come from Accelerate. Checkpoints are written atomically (temp dir, then
-rename); a non-finite loss stops training and leaves the last good checkpoint in place.
+then clip, optimizer and LR-schedule step, EMA update, and each hook's ``after_step(trainer)``.
+
+Strategy contracts (duck-typed):
+
+* an **objective** is a callable ``objective(ctx) -> {name: loss}`` with an optional ``group``
+  (default ``"generation"``: the losses of the diffusion output) and an optional ``uses_output``
+  (default True). The trainer collects ``{group: {name: loss}}``; names are unique across groups
+  (they are logged flat, e.g. ``metrics.csv`` columns). When no objective ``uses_output`` (GenRep's
+  perception stage), the denoiser forward is skipped and ``ctx.output`` is None.
+* a **combiner** has ``backward(groups, accelerator, scale)``. A combiner that averages gradients
+  over processes itself sets ``reduces_gradients = True``: the trainer then runs every micro-batch
+  under ``accelerator.no_sync`` so that DDP does not reduce them a second time.
+* a **hook** has ``after_step(trainer)``, called after every optimizer step (``trainer.step`` is
+  already the number of finished steps), e.g. GenRep's EMA semantic network.
+
+Every random draw (data order, timesteps, noise, dropout) comes from generators owned by the
+trainer and saved in checkpoints, so a resumed run continues bit for bit. Mixed precision, gradient
+accumulation and multi-process DDP (``accelerate launch``) come from Accelerate. Checkpoints are
+written atomically (temp dir, then rename); a non-finite loss stops training and leaves the last
+good checkpoint in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -89,13 +105,14 @@ class Trainer:
     """Train ``cfg`` into ``run_dir``; parts may be injected (tests, experiments)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, task=None, train_source=None, model=None,
-                 text_encoder=None, objectives=None, combiner=None, accelerator: Accelerator | None = None):
+                 text_encoder=None, objectives=None, combiner=None, hooks=None,
+                 accelerator: Accelerator | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tc = cfg.train
         if tc.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"train.mixed_precision={tc.mixed_precision!r} is not valid", "use no, fp16 or bf16")
-        self.accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision, cpu=_multi_cpu())
+        self.accelerator = accelerator or make_accelerator(cfg)
         self.task = task or build.build_task(cfg)
         self.schedule = build.build_schedule(cfg)
         self.space = build.build_space(cfg).to(self.accelerator.device)
@@ -106,6 +123,7 @@ class Trainer:
         self.timesteps = build_timestep_sampler(tc, self.schedule)
         self.objectives = objectives or [DiffusionObjective()]
         self.combiner = combiner or SumCombiner()
+        self.hooks = list(hooks or [])
 
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.lr_scheduler = _lr_schedule(self.optimizer, tc)
@@ -152,30 +170,43 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Losses of one micro-batch (no backward)."""
+    def compute_loss_groups(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """Losses of one micro-batch by group, ``{group: {name: loss}}`` (no backward)."""
         device = self.accelerator.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        tb = self.task.prepare(batch)
-        b = tb.x0.shape[0]
+        task_batch = self.task.prepare(batch)
+        b = task_batch.x0.shape[0]
         t, weights = self.timesteps.sample(b, self.generator, device)
         with torch.no_grad():
-            x0_pixels = tb.x0.to(device)
-            augmented = self.task.augment(tb, t, self.generator)
+            x0_pixels = task_batch.x0.to(device)
+            augmented = self.task.augment(task_batch, t, self.generator)
             x0 = self.space.encode(x0_pixels)
-            x0_aug = x0 if augmented is tb.x0 else self.space.encode(augmented.to(device))
-            cond = make_conditioning(tb, self.text_encoder, self.space, device)
+            x0_aug = x0 if augmented is task_batch.x0 else self.space.encode(augmented.to(device))
+            cond = make_conditioning(task_batch, self.text_encoder, self.space, device)
         cond = conditioning_dropout(cond, self.null_conditioning(), self.cfg.train.cond_dropout, self.generator)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.generator.device).to(device)
         x_t = self.schedule.add_noise(x0_aug, noise, t)
-        with self.accelerator.autocast():
-            out = self.model(x_t, t, cond)
+        out = None
+        if any(getattr(objective, "uses_output", True) for objective in self.objectives):
+            with self.accelerator.autocast():
+                out = self.model(x_t, t, cond)
         ctx = StepContext(output=out, x0=x0, x_t=x_t, noise=noise, t=t, weights=weights,
-                          schedule=self.schedule, cond=cond, model=self.model, batch=tb)
-        losses: dict[str, torch.Tensor] = {}
+                          schedule=self.schedule, cond=cond, model=self.model, batch=task_batch)
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        owner: dict[str, str] = {}
         for objective in self.objectives:
-            losses.update(objective(ctx))
-        return losses
+            group = getattr(objective, "group", "generation")
+            for name, loss in objective(ctx).items():
+                if name in owner:
+                    raise ValueError(f"loss name {name!r} is returned twice (groups {owner[name]!r} and "
+                                     f"{group!r}); loss names must be unique across groups")
+                owner[name] = group
+                groups.setdefault(group, {})[name] = loss
+        return groups
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch by name, every group together (no backward)."""
+        return _flat(self.compute_loss_groups(batch))
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
         bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in losses.values()) else 1.0],
@@ -187,6 +218,13 @@ class Trainer:
                 f"loss is not finite at step {self.step + 1} ({names}); last good checkpoint: {last or 'none'}",
                 "lower train.lr, keep train.max_grad_norm > 0, or resume with --resume after changing the config",
             )
+
+    def _sync_context(self, last_micro_batch: bool):
+        """DDP reduces gradients on the last micro-batch of a step only, and never for a combiner
+        that reduces them itself (``reduces_gradients``)."""
+        if last_micro_batch and not getattr(self.combiner, "reduces_gradients", False):
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when it is true on the main rank (ranks must stop together)."""
@@ -218,12 +256,11 @@ class Trainer:
             for micro in range(tc.grad_accum):
                 batch = next(loader)
                 self.data_position += 1
-                sync = micro == tc.grad_accum - 1
-                ctx = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
-                with ctx:
-                    losses = self.compute_losses(batch)
+                with self._sync_context(last_micro_batch=micro == tc.grad_accum - 1):
+                    groups = self.compute_loss_groups(batch)
+                    losses = _flat(groups)
                     self._check_finite(losses)
-                    self.combiner.backward(losses, self.accelerator, scale=1.0 / tc.grad_accum)
+                    self.combiner.backward(groups, self.accelerator, scale=1.0 / tc.grad_accum)
                 for k, v in losses.items():
                     step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / tc.grad_accum
             if tc.max_grad_norm and tc.max_grad_norm > 0:
@@ -234,6 +271,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step(self.unwrapped.parameters())
             self.step += 1
+            for hook in self.hooks:
+                hook.after_step(self)
             loss_value = sum(step_losses.values())
             elapsed = time.perf_counter() - t_start
             ips = (self.step - step_start) * per_step_images / max(elapsed, 1e-9)
@@ -325,6 +364,11 @@ def _open_train_source(cfg: RunConfig):
     return open_scene_source(cfg.data, cfg.data.train_split)
 
 
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """The Accelerator of a run: ``train.mixed_precision``; gloo DDP when several CPU processes run."""
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_multi_cpu())
+
+
 def _multi_cpu() -> bool:
     """Several processes (torchrun / ``accelerate launch --multi_gpu``) on a machine without CUDA:
     Accelerate then needs ``cpu=True`` to set up gloo DDP instead of one process per rank."""
@@ -345,12 +389,8 @@ def _last_checkpoint_name(run_dir: Path) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _flat(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: loss for losses in groups.values() for name, loss in losses.items()}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -370,7 +410,7 @@ class _Logger:
         self.enabled = enabled
         self.path = run_dir / "metrics.csv"
         self._fields: list[str] | None = None
-        self.tb = None
+        self.tensorboard = None
         if not enabled:
             return
         if not resume and self.path.exists():
@@ -381,9 +421,9 @@ class _Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tensorboard = SummaryWriter(str(run_dir / "tb"))
         except ImportError:  # tensorboard is optional at run time
-            self.tb = None
+            self.tensorboard = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -397,10 +437,10 @@ class _Logger:
             if new:
                 w.writeheader()
             w.writerow(row)
-        if self.tb is not None:
+        if self.tensorboard is not None:
             for k, v in values.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tensorboard.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
