@@ -44,7 +44,7 @@ def test_user_errors_are_one_line_exit_2(argv, needle, capsys):
 def test_config_prints_resolved_yaml(capsys):
     assert main(["config", "--preset", "cpu-tiny", "train.lr=1e-3"]) == 0
     out = capsys.readouterr().out
-    assert "lr: 0.001" in out and "preset: unet-tiny" in out
+    assert "lr: 0.001" in out and "arch: unet-tiny" in out
 
 
 def test_resume_of_missing_run_dir(tmp_path, capsys):

@@ -43,13 +43,14 @@ def test_two_stage_training_end_to_end(tmp_path):
     # the saved unified model reloads and generates / perceives
     back = GenRepModel.from_pretrained(run / "stage2" / "checkpoints" / "step-00000003" / "model")
     from genperc import build
-    from genperc.evaluation.genrep import EvalConfig, FeatureExtractor, FeatureNet, evaluate_genrep
+    from genperc.config import GenRepEvalConfig
+    from genperc.evaluation.genrep import FeatureExtractor, FeatureNet, evaluate_genrep
 
     task = build.build_task(cfg)
     ds = task.dataset(open_split(cfg, "val"), 8)
     sub = torch.utils.data.Subset(ds, list(range(20)))
     metrics = evaluate_genrep(back, sub, schedule=NoiseSchedule(cfg.diffusion), num_classes=10,
-                              cfg=EvalConfig(**G["eval"]), extractor=FeatureExtractor(FeatureNet(10)),
+                              cfg=GenRepEvalConfig(**G["eval"]), extractor=FeatureExtractor(FeatureNet(10)),
                               out_dir=tmp_path / "eval")
     assert {"top1", "ece", "top1_t10", "fid", "precision", "recall", "class_consistency"} <= set(metrics)
     assert (tmp_path / "eval" / "samples.png").exists() and (tmp_path / "eval" / "reliability.png").exists()

@@ -90,6 +90,23 @@ class SampleConfig:
 
 
 @dataclass
+class GenRepEvalConfig:
+    """What ``genperc.evaluation.genrep.evaluate_genrep`` measures (its module docstring); the
+    ``eval`` section of GenRep's settings. Kept here, below training and evaluation, because both read it."""
+
+    batch_size: int = 256
+    noise_levels: list[int] = field(default_factory=lambda: [10, 20, 50])
+    robust_timestep: str = "true"  # true | zero
+    generation: bool = True
+    samples_per_class: int = 25
+    sample_steps: int = 50
+    feature_extractor: str = "classifier"  # classifier | torchscript:PATH
+    pr_k: int = 3
+    grid_per_class: int = 8
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     task: str = "referring"
     task_options: dict = field(default_factory=dict)  # keyword arguments of the task codec

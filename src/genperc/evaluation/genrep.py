@@ -26,7 +26,6 @@ as the paper does at inference), compared with the real images of the evaluation
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,27 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from genperc.config import GenRepEvalConfig
 from genperc.diffusion.bayes import posterior_from_log_densities
 from genperc.diffusion.conditioning import Conditioning
 from genperc.errors import UserError
 from genperc.metrics import expected_calibration_error, reliability_bins
-
-
-@dataclass
-class EvalConfig:
-    """What ``evaluate_genrep`` measures (module docstring)."""
-
-    batch_size: int = 256
-    noise_levels: list[int] = field(default_factory=lambda: [10, 20, 50])
-    robust_timestep: str = "true"  # true | zero
-    generation: bool = True
-    samples_per_class: int = 25
-    sample_steps: int = 50
-    feature_extractor: str = "classifier"  # classifier | torchscript:PATH
-    pr_k: int = 3
-    grid_per_class: int = 8
-    seed: int = 0
-
 
 # ---------------------------------------------------------------------------------------------
 # perception
@@ -332,7 +315,7 @@ def real_images(dataset, limit: int | None = None) -> tuple[Tensor, Tensor]:
 
 
 def generation_metrics(model, eval_dataset, extractor: FeatureExtractor, num_classes: int, *, schedule,
-                       cfg: EvalConfig, out_dir=None, names=None) -> dict:
+                       cfg: GenRepEvalConfig, out_dir=None, names=None) -> dict:
     """FID / precision / recall / class consistency of fresh samples vs the evaluation split."""
     g = torch.Generator().manual_seed(cfg.seed * 101 + 1)
     fake, lab = generate(model, num_classes, cfg.samples_per_class, schedule=schedule, steps=cfg.sample_steps,
@@ -349,10 +332,10 @@ def generation_metrics(model, eval_dataset, extractor: FeatureExtractor, num_cla
     return out
 
 
-def evaluate_genrep(model, eval_dataset, *, schedule, num_classes: int, cfg: EvalConfig | None = None,
+def evaluate_genrep(model, eval_dataset, *, schedule, num_classes: int, cfg: GenRepEvalConfig | None = None,
                     extractor: FeatureExtractor | None = None, out_dir=None, names=None) -> dict:
     """Every GenRep metric of ``model`` on ``eval_dataset`` (module docstring)."""
-    cfg = cfg or EvalConfig()
+    cfg = cfg or GenRepEvalConfig()
     g = torch.Generator().manual_seed(cfg.seed)
     res: dict = {}
     clean = perception_outputs(model, eval_dataset, batch_size=cfg.batch_size)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from genperc.config import RunConfig, load_config
+from genperc.config import GenRepEvalConfig, RunConfig, load_config
 from genperc.errors import UserError
 from genperc.experiments.common import fmt_mean_std, machine_line
 
@@ -325,9 +325,9 @@ class Experiment:
     def evaluate(self, res, run: Path, seed: int, full_eval: bool, shared: SharedParts) -> dict:
         """The run's metrics (``run/metrics.json``): perception, and generation when ``full_eval``;
         its timing and alignment statistics."""
-        from genperc.evaluation.genrep import EvalConfig, evaluate_genrep
+        from genperc.evaluation.genrep import evaluate_genrep
 
-        ev = EvalConfig(**{**self.gcfg.eval.__dict__, "seed": seed})
+        ev = GenRepEvalConfig(**{**self.gcfg.eval.__dict__, "seed": seed})
         if not full_eval:
             ev.generation = False
             ev.noise_levels = []

@@ -66,7 +66,7 @@ class ClassificationItems(ClassificationDataset):
     def __init__(self, source, resolution=None, fit: str = "stretch", dense: bool = False):
         super().__init__(source, resolution, fit)
         self.dense = dense
-        self.depth_resize, self.valid_threshold = "masked_average", 0.5
+        self.depth_resize, self.valid_threshold, self.ground_truth = "masked_average", 0.5, False
 
     def _targets(self, record_index, record, plan):
         out = super()._targets(record_index, record, plan)

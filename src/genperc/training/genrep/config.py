@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
-from genperc.config import RunConfig, from_dict, load_config
+from genperc.config import GenRepEvalConfig, RunConfig, from_dict, load_config
 from genperc.errors import UserError
-from genperc.evaluation.genrep import EvalConfig
 from genperc.models.heads import HeadConfig
 from genperc.models.semantic import SemanticConfig
 from genperc.training.grad_align import AlignConfig
@@ -41,7 +40,7 @@ class GenRepConfig:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     stages: StageConfig = field(default_factory=StageConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: GenRepEvalConfig = field(default_factory=GenRepEvalConfig)
     vlb_weight: float = 0.001  # λ of L_hybrid (improved DDPM, T = 1000)
     perception_t: int = 0
     seg_weight: float = 1.0
