@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genperc.errors import UserError
-from genperc.training.grad_align import (
+from genperc.training.combiners import (
     AlignConfig,
     GradientAlignmentCombiner,
     align_pair,

@@ -7,14 +7,14 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from genperc.training.grad_align import AlignConfig, GradientAlignmentCombiner
+from genperc.training.combiners import AlignConfig, GradientAlignmentCombiner
 
 SCRIPT = r"""
 import sys, torch, torch.distributed as dist
 from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[2])
 from toy_align import Toy, batch, losses
-from genperc.training.grad_align import AlignConfig, GradientAlignmentCombiner
+from genperc.training.combiners import AlignConfig, GradientAlignmentCombiner
 dist.init_process_group("gloo")
 r, w = dist.get_rank(), dist.get_world_size()
 m = Toy()

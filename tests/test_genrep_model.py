@@ -17,8 +17,7 @@ from genperc.models.semantic import (
     build_genrep_model,
     rep_align_loss,
 )
-from genperc.training.objectives import HybridDiffusionObjective, discretized_gaussian_log_likelihood
-from genperc.training.strategies import StepContext
+from genperc.training.objectives import HybridDiffusionObjective, StepContext, discretized_gaussian_log_likelihood
 
 SCHED = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, learned_variance=True,
                                       prediction_type="eps"))

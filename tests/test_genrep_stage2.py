@@ -8,7 +8,7 @@ from genperc.models.heads import HeadConfig
 from genperc.models.registry import create_denoiser
 from genperc.models.semantic import SemanticConfig, build_genrep_model, rep_align_loss
 from genperc.training.genrep import RepAlignObjective, SemanticTeacher
-from genperc.training.strategies import StepContext
+from genperc.training.objectives import StepContext
 
 SCHED = NoiseSchedule(DiffusionConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, learned_variance=True,
                                       prediction_type="eps"))

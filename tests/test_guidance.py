@@ -181,7 +181,7 @@ def test_cat_pads_every_part_to_the_longest_text():
 
 
 def test_conditioning_dropout_pads_a_prompt_shorter_than_the_null_text():
-    from genperc.training.strategies import conditioning_dropout
+    from genperc.training.dropout import conditioning_dropout
 
     b = 64
     cond = Conditioning(text=torch.full((b, 1, D), 3.0), text_mask=torch.ones(b, 1, dtype=torch.bool))

@@ -16,8 +16,7 @@ from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from genperc.diffusion.timesteps import LossScalingTimesteps
 from genperc.errors import UserError
-from genperc.training.objectives import HybridDiffusionObjective
-from genperc.training.strategies import DiffusionObjective, StepContext
+from genperc.training.objectives import DiffusionObjective, HybridDiffusionObjective, StepContext
 
 # Three timesteps, one per bin, with factors (1, 2, 5): c² = (1/8, 2/8, 5/8) and w = T·c² = 3·c².
 T = 3

@@ -10,7 +10,7 @@ from genperc.diffusion.conditioning import Conditioning
 from genperc.errors import UserError
 from genperc.tasks import create_task
 from genperc.tasks.generalist import PROMPTS, draw_box_outlines, parse_prompt
-from genperc.training.strategies import conditioning_dropout
+from genperc.training.dropout import conditioning_dropout
 
 
 def batch_of(task, n=6, size=4, resolution=16):

@@ -10,7 +10,7 @@ from genperc.config import load_config
 from genperc.data.datasets import collate
 from genperc.data.toy import ToyShapes
 from genperc.tasks.referring import ReferringTask
-from genperc.training.strategies import DiffusionObjective
+from genperc.training.objectives import DiffusionObjective
 from genperc.training.trainer import Trainer
 
 TINY = ["data.resolution=16", "model.sample_size=16", "train.batch_size=4", "train.progress=false",

@@ -233,7 +233,7 @@ class NoiseSchedule:
         """Exact conversion between "eps", "x0" and "v" (see :func:`convert_prediction`).
 
         The training target is ``convert(x0, "x0", kind, x_t, t)`` with the *clean* x0 and the x_t
-        the model saw (:func:`genperc.training.strategies.denoising_loss`), never the drawn ε: under
+        the model saw (:func:`genperc.training.objectives.denoising_loss`), never the drawn ε: under
         ADDP augmentation x_t is made from a corrupted x0', and ε* = (x_t − √ᾱ·x0)/√(1−ᾱ) ≠ ε.
         """
         return convert_prediction(pred, src, dst, x_t, self.alpha_bar(t))

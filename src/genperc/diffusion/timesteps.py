@@ -6,7 +6,7 @@ training timestep, summing to 1):
 
 * ``loss-scaling``: t ~ U{0, …, T−1} as usual and the sample's loss is multiplied by
   w = T·c_t². The objectives use these weights as given, ``L = mean_i(w_i·L_i)``
-  (:func:`~genperc.training.strategies.denoising_loss`): the normaliser is the expectation of w
+  (:func:`~genperc.training.objectives.denoising_loss`): the normaliser is the expectation of w
   under the sampling distribution, E[w] = Σ_t (1/T)·T·c_t² = 1, a constant, so
   E[L] = Σ_t c_t²·E[L_t] — the paper's c_t²-weighted loss (§4.3.1, Table 5's "Loss Scaling") — at
   every batch size, and k accumulated micro-batches of b samples give the same gradient as one

@@ -1,4 +1,10 @@
-"""Diffusion objectives beyond plain MSE: the improved-DDPM hybrid loss with a learned variance.
+"""The training objectives: the one denoising loss, and improved DDPM's hybrid loss with a learned variance.
+
+Every objective is a callable ``objective(ctx: StepContext) -> {name: loss}`` with a ``group``
+attribute (the trainer hands the combiner ``{group: {name: loss}}``; GenRep's objectives live in
+:mod:`genperc.training.genrep.objectives`). :class:`DiffusionObjective` is the denoising loss of
+every task (:func:`denoising_loss`: target from the clean x0, ADDP loss weights, the task's loss
+mask); :class:`HybridDiffusionObjective` adds the variational bound for learned-variance models.
 
 Improved DDPM (Nichol & Dhariwal 2021, §3.1) lets the model output a per-dimension interpolation
 v ∈ [−1, 1] between the two natural reverse variances (their Eq. 15)::
@@ -30,13 +36,113 @@ Conventions made explicit here:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.schedule import NoiseSchedule
 from genperc.diffusion.variance import clipped_log_posterior_variance, learned_log_variance
-from genperc.training.strategies import StepContext, denoising_loss
+from genperc.errors import UserError
+
+
+@dataclass
+class StepContext:
+    """Everything an objective may read in one training step."""
+
+    output: Tensor | None  # raw model output (None when no objective uses it: Trainer skips the forward)
+    x0: Tensor  # the clean target (after space encoding), never the augmented one
+    x_t: Tensor
+    noise: Tensor
+    t: Tensor
+    weights: Tensor | None  # per-sample loss weights from the timestep strategy
+    schedule: NoiseSchedule
+    cond: Conditioning
+    model: torch.nn.Module
+    batch: object = None  # the TaskBatch (labels, extras, loss_mask) for objectives that need ground truth
+
+
+class DenoisingLoss(NamedTuple):
+    """What :func:`denoising_loss` returns: the weighted loss and the two halves of the output."""
+
+    loss: Tensor  # scalar mean_i(w_i·L_i)
+    prediction: Tensor  # the first C output channels: ε, x0 or v as the schedule's prediction type says
+    variance: Tensor | None  # the learned-range interpolation v (second C channels), None without
+
+
+def denoising_loss(ctx: StepContext) -> DenoisingLoss:
+    """The denoising loss of both diffusion objectives.
+
+    The output has C channels (the prediction) or 2C (learned variance: the prediction is the first
+    half, the variance interpolation of improved DDPM Eq. 15 the second), told apart here only, by
+    :func:`split_output`; the objectives read the halves from the result. The target is computed
+    from the *clean* x0 and the x_t the model actually saw: x0-prediction regresses x0; ε-prediction
+    ε* = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t); v-prediction v* = √ᾱ_t·ε* − √(1−ᾱ_t)·x0. Without augmentation
+    ε* is the drawn noise; with ADDP augmentation (x_t made from a corrupted x0') the targets still
+    point at the clean target, as ADDP §3.2 asks.
+
+    Per sample, L_i is the squared error averaged over the valid elements of the task's
+    ``loss_mask`` (:func:`masked_mean_squared_error`; all elements without one). The batch loss is
+    ``mean_i(w_i·L_i)`` with the timestep strategy's weights used as given (ADDP §3.1 loss scaling,
+    w = T·c_t²): they are normalised by their expectation under the sampling distribution, E[w] = 1,
+    not by the batch's mean, so the expected loss is the c_t²-weighted one at every batch size and
+    under gradient accumulation (:mod:`genperc.diffusion.timesteps`).
+    """
+    prediction, variance = split_output(ctx.output, ctx.x0.shape[1])
+    target = ctx.schedule.convert(ctx.x0, "x0", ctx.schedule.config.prediction_type, ctx.x_t, ctx.t)
+    mask = getattr(ctx.batch, "loss_mask", None)
+    per_sample = masked_mean_squared_error(prediction.float(), target.float(), mask)
+    if ctx.weights is not None:
+        per_sample = per_sample * ctx.weights.to(per_sample)
+    return DenoisingLoss(per_sample.mean(), prediction, variance)
+
+
+def split_output(output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+    """(prediction, learned-variance v or None) of a raw model output for a ``channels``-channel x0."""
+    if output.shape[1] == channels:
+        return output, None
+    if output.shape[1] == 2 * channels:
+        return output[:, :channels], output[:, channels:]
+    raise UserError(f"the model outputs {output.shape[1]} channels for a {channels}-channel target",
+                    f"give the model {channels} output channels, or {2 * channels} with diffusion.learned_variance")
+
+
+def masked_mean_squared_error(prediction: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-sample squared error [B], averaged over the elements the mask marks valid.
+
+    ``mask``: [B, 1, H, W] at the pixel resolution of the task's x0, 1 = valid (None = all valid).
+    It is resized to the prediction's h×w by :func:`valid_cells`; then
+    L_i = Σ err²·m / (C·Σ m). A sample without a valid element contributes 0 (not NaN).
+    """
+    err = (prediction - target).pow(2)
+    if mask is None:
+        return err.flatten(1).mean(1)
+    m = valid_cells(mask, err.shape[-2:]).to(err).expand_as(err)
+    valid = m.flatten(1).sum(1)
+    return (err * m).flatten(1).sum(1) / valid.clamp_min(torch.finfo(err.dtype).tiny)
+
+
+def valid_cells(mask: Tensor, size) -> Tensor:
+    """Min-pool a validity mask [B, 1, H, W] to ``size`` (h, w): a cell is valid only if every pixel
+    it covers is (Marigold's rule for its 8× VAE latents); an equal size returns the mask unchanged.
+    When h does not divide H the cells are adaptive pooling's (possibly overlapping) windows."""
+    mask = mask.float()
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return -F.adaptive_max_pool2d(-mask, tuple(size))
+
+
+class DiffusionObjective:
+    """The denoising loss (:func:`denoising_loss`) under the name ``diffusion``."""
+
+    name = "diffusion"
+    group = "generation"
+
+    def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {self.name: denoising_loss(ctx).loss}
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -81,7 +187,7 @@ class HybridDiffusionObjective:
     """Improved DDPM's L_hybrid = L_simple + λ·L_vlb for a learned-variance model (module doc).
 
     Returns ``{"simple": L_simple, "vlb": λ·T·mean(L_t)}``; L_simple is the one denoising loss
-    (:func:`~genperc.training.strategies.denoising_loss`: target from the clean x0, loss weights as
+    (:func:`~genperc.training.objectives.denoising_loss`: target from the clean x0, loss weights as
     given, the task's loss mask). Without learned variance (output has C channels) only ``simple``
     is returned. Open choices: L_vlb takes neither the loss weights nor the loss mask (improved DDPM
     has neither; GenRep's images have no invalid pixels). Both terms belong to the ``generation``

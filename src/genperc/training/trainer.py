@@ -4,12 +4,12 @@ One step, for each of ``grad_accum`` micro-batches::
 
     batch → task.prepare → (x0, condition image, texts)      task codec
     x0, image → image space (pixels or VAE latents)
-    texts → cached text encoder → Conditioning; IP2P dropout  strategies.conditioning_dropout
+    texts → cached text encoder → Conditioning; IP2P dropout  dropout.conditioning_dropout
     t, w ~ timestep strategy                                 diffusion.timesteps (ADDP §3.1)
     x0' = task.augment(x0, t)                                task codec (ADDP §3.2)
     x_t = add_noise(x0', ε, t); out = model(x_t, t, cond)
-    groups = {obj.group: obj(ctx)}                           strategies.DiffusionObjective, …
-    combiner.backward(groups)                                strategies.SumCombiner, …
+    groups = {obj.group: obj(ctx)}                           objectives.DiffusionObjective, …
+    combiner.backward(groups)                                combiners.SumCombiner, …
 
 then clip, optimizer and LR-schedule step, EMA update, and each hook's ``after_step(trainer)``.
 
@@ -57,7 +57,9 @@ from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.timesteps import build_timestep_sampler
 from genperc.errors import UserError
 from genperc.models.conditioning import make_conditioning, null_conditioning
-from genperc.training.strategies import DiffusionObjective, StepContext, SumCombiner, conditioning_dropout
+from genperc.training.combiners import SumCombiner
+from genperc.training.dropout import conditioning_dropout
+from genperc.training.objectives import DiffusionObjective, StepContext
 
 
 class TrainingDiverged(UserError):

@@ -21,7 +21,7 @@ every stage (its objectives, gradient combiner and hooks are GenRep's):
   computes L_percept (noise-free pass on the clean image; loss group ``perception``) and
   L_genera = L_hybrid + L_rep_align (Eq. 10; the generation pass on x_t, modulated by x_sem,
   Eq. 6–9; group ``generation``) for the same images, combines the two gradients with
-  :class:`~genperc.training.grad_align.GradientAlignmentCombiner` (Eq. 11–16 on the attention
+  :class:`~genperc.training.combiners.GradientAlignmentCombiner` (Eq. 11–16 on the attention
   blocks), and after each optimizer step updates ε_sem ← m·ε_sem + (1 − m)·ε_unified (m = 0.999;
   :class:`SemanticTeacher`, a trainer hook). ε_sem supplies x_sem and the REPA target.
 
@@ -38,7 +38,7 @@ Explicit choices beyond the paper (config keys in :class:`GenRepConfig`):
 * Each stage's run directory is ``RUN/stage{0,1,2}``; a finished stage (final checkpoint present)
   is skipped on a rerun; an interrupted one restarts.
 * DDP: the combiner all-reduces each loss group's gradient itself (``reduces_gradients``; see
-  :mod:`genperc.training.grad_align`), so the trainer keeps DDP from reducing them again.
+  :mod:`genperc.training.combiners`), so the trainer keeps DDP from reducing them again.
 
 Where the parts live: :mod:`.config` (settings), :mod:`.posterior_provider` (the distillation
 target of a step), :mod:`.semantic_teacher` (ε_sem), :mod:`.objectives` (L_percept,

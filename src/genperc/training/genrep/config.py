@@ -9,7 +9,7 @@ from genperc.config import GenRepEvalConfig, RunConfig, from_dict, load_config
 from genperc.errors import UserError
 from genperc.models.heads import HeadConfig
 from genperc.models.semantic import SemanticConfig
-from genperc.training.grad_align import AlignConfig
+from genperc.training.combiners import AlignConfig
 from genperc.training.posterior import PosteriorConfig
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from genperc.models.semantic import SemanticConfig, rep_align_loss
 from genperc.training.genrep.posterior_provider import PosteriorProvider
 from genperc.training.genrep.semantic_teacher import SemanticTeacher
-from genperc.training.strategies import StepContext
+from genperc.training.objectives import StepContext
 
 
 def unwrap(model):

@@ -18,11 +18,11 @@ from genperc.config import RunConfig, load_config
 from genperc.diffusion.schedule import NoiseSchedule
 from genperc.errors import UserError
 from genperc.models.semantic import GenRepModel, build_genrep_model
+from genperc.training.combiners import AlignConfig, GradientAlignmentCombiner
 from genperc.training.genrep.config import GenRepConfig, with_genrep
 from genperc.training.genrep.objectives import PerceptionObjective, RepAlignObjective
 from genperc.training.genrep.posterior_provider import PosteriorProvider, build_posterior_cache, cache_labels
 from genperc.training.genrep.semantic_teacher import SemanticTeacher
-from genperc.training.grad_align import AlignConfig, GradientAlignmentCombiner
 from genperc.training.objectives import HybridDiffusionObjective
 from genperc.training.posterior import PosteriorCache, fit_temperature, kept_states
 from genperc.training.trainer import Trainer, make_accelerator

@@ -1,4 +1,9 @@
-"""Symmetric gradient alignment (GenRep Eq. 11–16) and its comparisons, as gradient combiners.
+"""Gradient combiners: the plain sum, and symmetric gradient alignment (GenRep Eq. 11–16) with its
+comparisons.
+
+A combiner turns the losses of one micro-batch, grouped by objective (``{group: {name: loss}}``),
+into gradients: ``combiner.backward(groups, accelerator, scale)``. :class:`SumCombiner` is the
+plain gradient of every task; :class:`GradientAlignmentCombiner` is GenRep's.
 
 With g_p = ∇L_percept and g_g = ∇L_genera flattened over the aligned parameters::
 
@@ -236,3 +241,12 @@ def cosine(a: Tensor, b: Tensor) -> float:
     if na == 0 or nb == 0:
         return math.nan
     return float(a.double().dot(b.double()) / (na * nb))
+
+
+class SumCombiner:
+    """Backpropagate the sum of every loss of every group (the plain gradient); DDP reduces it."""
+
+    reduces_gradients = False
+
+    def backward(self, groups: dict[str, dict[str, Tensor]], accelerator, scale: float = 1.0) -> None:
+        accelerator.backward(sum(loss for losses in groups.values() for loss in losses.values()) * scale)
