@@ -46,7 +46,7 @@ def available_taps(denoiser) -> list[str]:
         return ["mid"] + [f"up{i}" for i in range(len(bb.up_blocks))]
     if hasattr(bb, "transformer_blocks"):
         return [f"blk{i}" for i in range(len(bb.transformer_blocks))]
-    raise UserError(f"cannot tap features of a {type(bb).__name__} backbone", "use a unet-* or dit-* preset")
+    raise UserError(f"cannot tap features of a {type(bb).__name__} backbone", "use a unet-* or dit-* architecture (model.arch)")
 
 
 def default_taps(denoiser) -> list[str]:
