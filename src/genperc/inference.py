@@ -191,9 +191,9 @@ def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, see
     if not run.task.needs_prompt and prompt:
         notes.append(f"the {run.task.name} task takes no prompt; '{prompt}' ignored")
         prompts = None
-    tb, batch = run.task.request(x, prompts)
+    task_batch, batch = run.task.request(x, prompts)
     generator = torch.Generator().manual_seed(seed)
-    members = sample_targets(run.model, run.task, tb, schedule=run.schedule, space=run.space,
+    members = sample_targets(run.model, run.task, task_batch, schedule=run.schedule, space=run.space,
                              text_encoder=run.text_encoder, sample_cfg=_sample_cfg(run, steps, sampler, None,
                                                                                    text_scale, image_scale),
                              generator=generator, device=run.device, ensemble=ensemble)

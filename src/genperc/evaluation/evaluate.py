@@ -56,7 +56,7 @@ def make_guidance(task, text_scale: float, image_scale: float):
     return None
 
 
-def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg, generator, device="cpu",
+def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sample_cfg, generator, device="cpu",
                    ensemble: int = 1) -> list[torch.Tensor]:
     """Generate ``ensemble`` target images per item of a TaskBatch, in one sampler call.
 
@@ -68,11 +68,11 @@ def sample_targets(model, task, tb, *, schedule, space, text_encoder, sample_cfg
 
     if not isinstance(ensemble, int) or ensemble < 1:
         raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
-    cond = make_conditioning(tb, text_encoder, space, device)
-    b = tb.x0.shape[0]
+    cond = make_conditioning(task_batch, text_encoder, space, device)
+    b = task_batch.x0.shape[0]
     if ensemble > 1:
         cond = cond.repeat(ensemble)
-    shape = space.latent_shape((b * ensemble, *tb.x0.shape[1:]))
+    shape = space.latent_shape((b * ensemble, *task_batch.x0.shape[1:]))
     noise = torch.randn(shape, generator=generator).to(device)
     guidance = make_guidance(task, sample_cfg.text_scale, sample_cfg.image_scale)
     out = sample(model, noise, cond, schedule=schedule, sampler=sample_cfg.sampler, num_steps=sample_cfg.steps,
@@ -140,8 +140,8 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
 
         iterator = tqdm(loader, desc="eval", unit="batch")
     for batch in iterator:
-        tb = task.prepare(batch)
-        members = sample_targets(model, task, tb, schedule=schedule, space=space, text_encoder=text_encoder,
+        task_batch = task.prepare(batch)
+        members = sample_targets(model, task, task_batch, schedule=schedule, space=space, text_encoder=text_encoder,
                                  sample_cfg=sample_cfg, generator=generator, device=device, ensemble=ensemble)
         pred = task.decode(members[0], batch) if ensemble == 1 else task.decode_ensemble(members, batch)
         scored, truth = task.at_ground_truth_resolution(pred, batch) if resolution == "ground-truth" else (pred, batch)

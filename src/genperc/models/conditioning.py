@@ -8,14 +8,14 @@ from __future__ import annotations
 from genperc.diffusion.conditioning import Conditioning
 
 
-def make_conditioning(tb, text_encoder, space, device) -> Conditioning:
+def make_conditioning(task_batch, text_encoder, space, device) -> Conditioning:
     """A task batch's conditions on ``device``: text states, the image in the model's space, labels."""
     text = mask = None
-    if tb.texts is not None and text_encoder is not None:
-        text, mask = text_encoder.encode(tb.texts)
+    if task_batch.texts is not None and text_encoder is not None:
+        text, mask = text_encoder.encode(task_batch.texts)
         text, mask = text.to(device), mask.to(device)
-    image = space.encode(tb.image.to(device)) if tb.image is not None else None
-    labels = tb.class_labels.to(device) if tb.class_labels is not None else None
+    image = space.encode(task_batch.image.to(device)) if task_batch.image is not None else None
+    labels = task_batch.class_labels.to(device) if task_batch.class_labels is not None else None
     return Conditioning(text=text, text_mask=mask, image=image, class_labels=labels)
 
 
