@@ -16,7 +16,7 @@
   order), an affine-invariant depth (near = −1).
 * **Test-time ensemble** (Marigold §3.4): each of N members gets its own scale and shift;
   minimise the sum over member pairs of their RMSE plus 0.02·(|min m| + |1 − max m|) on their
-  per-pixel median m (members initialised to span [0, 1]), by Marigold's early-stopped BFGS; the
+  per-pixel median m (members initialised to span [0, 1]), by Marigold's early-stopped BFGS (diffusers' implementation); the
   result is the median, renormalised to [0, 1].
 * **Metrics** (Marigold's evaluation): :func:`genperc.metrics.depth_metrics` — LSQ scale
   and shift over valid pixels, clip to ``[min_depth, max_depth]`` and ≥ 1e-6, AbsRel, SqRel,
@@ -89,57 +89,27 @@ class DepthRange:
         return [self.min_depth, self.max_depth]
 
 
-def ensemble_objective(aligned: Tensor, reg: float = 0.02) -> float:
-    """Marigold's ensemble cost (Ke et al. 2024, §3.4; ``ensemble.py`` of prs-eth/Marigold and
-    diffusers' ``MarigoldDepthPipeline.ensemble_depth``) of aligned members ``aligned`` [N, P]:
+def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50, tol: float = 1e-6,
+                   max_res: int | None = 1024) -> Tensor:
+    """Marigold's test-time ensemble (Ke et al. 2024, §3.4) of affine-invariant predictions
+    ``members`` [N, H, W] (any range) → [H, W] in [0, 1], by diffusers'
+    ``MarigoldDepthPipeline.ensemble_depth``.
 
-        Σ_{i<j} RMSE(a_i, a_j) + reg · (|min m| + |1 − max m|),   m = per-pixel median of the a_i.
+    Each member gets a scale and shift (initialised to span [0, 1]) minimising the sum over member
+    pairs of their RMSE plus ``reg``·(|min m| + |1 − max m|) on the per-pixel median m, by scipy's
+    BFGS stopped early — at most ``max_iter`` iterations, tolerance ``tol`` (the Marigold
+    repository's 50 / 1e-6; diffusers' pipeline defaults to 2 / 1e-3), the fit on members resized to
+    ``max_res`` on the long side. The early stop is part of the method: the objective's global
+    minimum is the degenerate scale 0 (one flat map, cost ``reg``). The result is the median of the
+    aligned members, renormalised to [0, 1]; N = 1 returns the member normalised."""
+    from diffusers import MarigoldDepthPipeline
 
-    One RMSE per pair, summed over the C(N, 2) pairs (not one RMSE over the pooled pairs, which
-    weighs the regulariser ~C(N, 2) times more). Each term is evaluated in ``aligned``'s dtype and
-    accumulated in double, as Marigold does."""
-    n = aligned.shape[0]
-    first, second = torch.triu_indices(n, n, offset=1)
-    pair_rmse = (aligned[first] - aligned[second]).pow(2).mean(1).sqrt()
-    median = aligned.median(0).values
-    return float(pair_rmse.double().sum()) + reg * (float(median.min().abs()) + float((1 - median.max()).abs()))
-
-
-def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50, tol: float = 1e-6) -> Tensor:
-    """Marigold's test-time ensemble of affine-invariant predictions ``members`` [N, H, W] (any
-    range) → [H, W] in [0, 1] (Ke et al. 2024, §3.4).
-
-    Each member gets a scale s_i and shift t_i, initialised so that it spans [0, 1]; they minimise
-    :func:`ensemble_objective` by scipy's BFGS with finite-difference gradients of the float32 cost,
-    at most ``max_iter`` iterations, tolerance ``tol`` (Marigold's optimiser and its repository's
-    defaults 50 / 1e-6; diffusers' pipeline defaults to 2 / 1e-3). The result is the per-pixel
-    median of the aligned members, renormalised to [0, 1]. This early-stopped local search is part
-    of the method: the objective's global minimum is the degenerate s = 0 (all members one flat
-    value in [0, 1], cost ``reg``), which a converged optimiser reaches for members that are not
-    exact affine copies. Open choice: Marigold first resizes members
-    whose long side exceeds 1024 px (nearest) for the fit; here the fit uses every pixel. N = 1
-    returns the member normalised."""
-    import scipy.optimize
-
-    n = members.shape[0]
-    flat = members.reshape(n, -1).float()
-    lo, hi = flat.min(1).values, flat.max(1).values
-    scale0 = 1.0 / (hi - lo).clamp_min(1e-6)
-    start = torch.cat([scale0, -lo * scale0]).double().numpy()
-
-    def align(params) -> Tensor:
-        scale_shift = torch.from_numpy(params).float()
-        return flat * scale_shift[:n, None] + scale_shift[n:, None]
-
-    if n > 1:
-        fit = scipy.optimize.minimize(lambda p: ensemble_objective(align(p), reg), start, method="BFGS", tol=tol,
-                                      options={"maxiter": max_iter})
-        params = fit.x if np.isfinite(fit.x).all() else start
-    else:
-        params = start
-    m = align(params).median(0).values
-    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
-    return m.reshape(members.shape[1:])
+    if members.shape[0] == 1:
+        m = members[0].float()
+        return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
+    depth, _ = MarigoldDepthPipeline.ensemble_depth(members.float()[:, None], regularizer_strength=reg,
+                                                    max_iter=max_iter, tol=tol, max_res=max_res)
+    return depth[0, 0]
 
 
 class DepthTask(Task):
