@@ -42,6 +42,15 @@ def _mount_subapps() -> None:
     app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep).")
 
 
+@app.callback()
+def _options(threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = the cores this process may "
+                                                                "run on); never chosen by timing, so a seed gives "
+                                                                "the same numbers on a busy or a quiet machine.")):
+    from genperc import runtime
+
+    runtime.configure_threads(threads or None)
+
+
 OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.arch=unet-small"
 
 
@@ -157,7 +166,11 @@ def config(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Output directory (report.html, metrics.json, run/, world/)."),
-    minutes: float = typer.Option(8.0, help="Training time budget in minutes."),
+    steps: int = typer.Option(None, help="Training steps (default 1500: ~8 min on 2 quiet CPU cores with bf16). "
+                                         "Steps, not time, are the budget: a seed gives the same model anywhere."),
+    minutes: float = typer.Option(None, help="Also stop training after this many minutes (machine-dependent: a "
+                                             "busy machine trains fewer steps and gives a different model)."),
+    seed: int = typer.Option(0, help="Seed of the rendered world and of the evaluation's sampling noise."),
     preset: str = typer.Option("demo", help="Config preset."),
     train_scenes: int = typer.Option(2000, help="Rendered training scenes (32x32)."),
     val_scenes: int = typer.Option(12, help="Rendered held-out scenes."),
@@ -168,10 +181,11 @@ def demo(
 ):
     """The main job on the embedded default: render a world, train referring segmentation, evaluate
     it beside two trivial baselines, predict, and write OUT/report.html."""
-    from genperc.demo import run_demo
+    from genperc.demo import DEMO_STEPS, run_demo
 
-    run_demo(out, minutes=minutes, preset=preset, overrides=list(overrides or []), train_scenes=train_scenes,
-             val_scenes=val_scenes, eval_limit=limit or None, examples=examples, workers=workers)
+    run_demo(out, steps=steps or DEMO_STEPS, minutes=minutes, preset=preset, overrides=list(overrides or []),
+             train_scenes=train_scenes, val_scenes=val_scenes, eval_limit=limit or None, examples=examples,
+             workers=workers, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto (bf16 where the device computes it natively, genperc.runtime) | no | fp16 | bf16
     ema: bool = True
     ema_decay: float = 0.999
     seed: int = 0

@@ -4,7 +4,8 @@
    seeded and resumable, so a second run reuses it).
 2. **Train** referring segmentation as InstructPix2Pix-style editing (ADDP §2: the referred object
    painted pure red, the expression as text, the image concatenated) with the one trainer, for a
-   time budget (``--minutes``; the run stops with a checkpoint in ``OUT/run``).
+   fixed number of steps (``--steps``; the same seed gives the same model on any machine load;
+   ``--minutes`` adds a machine-dependent time limit). The run's checkpoint is in ``OUT/run``.
 3. **Evaluate** the saved run on held-out scenes (loaded back from ``OUT/run`` the way
    ``genperc eval`` does) and score two trivial baselines on the same expressions: the empty mask,
    and the mask of every object of the named shape (the expression's head noun; "object" names
@@ -108,54 +109,35 @@ def pick_examples(dataset, k: int) -> list[int]:
     return out
 
 
-def _time_steps(trainer, batches, give_up: float = float("inf")) -> float:
-    """Median seconds of a forward + backward pass over ``batches`` (the first is a warm-up);
-    infinity as soon as a pass after the warm-up takes longer than ``give_up`` seconds."""
-    times = []
-    for k, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        losses = trainer.compute_losses(batch)
-        sum(losses.values()).backward()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        if k > 0 and times[-1] > give_up:
-            return float("inf")
-    rest = sorted(times[1:])
-    return rest[len(rest) // 2]
+class EtaLog:
+    """A trainer hook that logs progress, speed and the time left about ten times per run."""
+
+    def __init__(self, total: int, every: int | None = None):
+        self.total, self.every = total, every or max(1, total // 10)
+        self.t0 = time.perf_counter()
+        self.first = None
+
+    def after_step(self, trainer) -> None:
+        if self.first is None:
+            self.first = trainer.step - 1
+        done = trainer.step - self.first
+        if trainer.step % self.every and trainer.step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        per_step = elapsed / max(done, 1)
+        ips = trainer.cfg.train.batch_size * trainer.cfg.train.grad_accum / per_step
+        _log(f"step {trainer.step}/{self.total} ({100 * trainer.step / self.total:.0f}%), {ips:.1f} images/s, "
+             f"ETA {per_step * (self.total - trainer.step) / 60:.1f} min")
 
 
-def fit_steps_to_budget(trainer, seconds: float, probe: int = 3) -> tuple[int, int]:
-    """Time a few forward/backward passes, pick the faster of torch's thread count and one thread,
-    and set ``train.steps`` (and the LR schedule) so that training ends near ``seconds``; the
-    trainer's time limit still stops it if the machine slows down. Returns (steps, threads).
-
-    One thread can be much faster on a CPU shared with other work: two OpenMP threads that wait
-    for each other on a busy core were seen here running 20× slower than one thread. The probe's
-    gradients are discarded (its random draws advance the trainer's generator)."""
-    from genperc.data.datasets import collate
-    from genperc.training.trainer import _lr_schedule
-
-    t_start = time.perf_counter()
-    tc = trainer.cfg.train
-    bs = tc.batch_size
-    batches = [collate([trainer.dataset[i] for i in range(k * bs, (k + 1) * bs)]) for k in range(probe + 1)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    timings = {1: _time_steps(trainer, batches)}
-    if threads > 1:
-        torch.set_num_threads(threads)
-        timings[threads] = _time_steps(trainer, batches, give_up=2 * timings[1])
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    per_step = timings[best] * tc.grad_accum * 1.1  # + optimizer, EMA, logging
-    left = seconds - (time.perf_counter() - t_start)
-    tc.steps = max(tc.warmup_steps + 1, int(max(left, 0) / per_step))
-    trainer.lr_scheduler = _lr_schedule(getattr(trainer.optimizer, "optimizer", trainer.optimizer), tc)
-    _log("probe: " + ", ".join(f"{n} thread(s) {t:.2f} s/step" for n, t in timings.items()) + f"; using {best}")
-    return tc.steps, best
+#: Training steps of ``genperc demo``: about 8 minutes on the 2-core Xeon when quiet (bf16), so that
+#: install + render + train + evaluate fit in 15 minutes. The number of steps, not the time, is the
+#: budget: the same seed gives the same model on a busy or a quiet machine.
+DEMO_STEPS = 1500
 
 
-def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: list[str] | None = None,
+def run_demo(out: Path, steps: int = DEMO_STEPS, minutes: float | None = None, preset: str = "demo",
+             overrides: list[str] | None = None,
              train_scenes: int = 2000, val_scenes: int = 12, eval_limit: int | None = 240, examples: int = 9,
              workers: int = 2, seed: int = 0) -> dict:
     from genperc.data.sources import open_scene_source
@@ -166,7 +148,7 @@ def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: l
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(preset, overrides)
+    cfg = load_config(preset, [f"train.seed={seed}", *(overrides or []), f"train.steps={steps}"])
     timings: dict[str, float] = {}
 
     # 1. data
@@ -184,18 +166,19 @@ def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: l
     # 2. training (a fresh run every time: an old run's checkpoints would be taken for this one's)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    _log(f"training {cfg.model.arch} for {cfg.task} on {cfg.data.source} {cfg.data.resolution}x{cfg.data.resolution} "
-         f"for {minutes:g} min")
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir)  # timestep strategy (ADDP §3.1) from train.timesteps/contributions
+    # timestep strategy (ADDP §3.1) from train.timesteps/contributions; the hook logs the ETA
+    trainer = Trainer(cfg, run_dir, hooks=[EtaLog(steps)])
     n_train = len(trainer.dataset)
-    steps, threads = fit_steps_to_budget(trainer, minutes * 60 - (time.perf_counter() - t0))
-    _log(f"about {steps} steps fit in the budget; the LR schedule ends there")
-    result = trainer.train(time_limit_s=minutes * 60 - (time.perf_counter() - t0))
+    threads = torch.get_num_threads()
+    _log(f"training {cfg.model.arch} for {cfg.task} on {cfg.data.source} {cfg.data.resolution}x{cfg.data.resolution}: "
+         f"{steps} steps of {cfg.train.batch_size}, {trainer.precision} precision, {threads} torch thread(s)"
+         + (f", stopping after {minutes:g} min (machine-dependent)" if minutes else ""))
+    result = trainer.train(time_limit_s=minutes * 60 if minutes else None)
     timings["train_s"] = time.perf_counter() - t0
     _log(f"{result.step} steps ({result.step * cfg.train.batch_size} images, {n_train} training expressions), "
          f"loss {result.loss:.4f}, {result.images_per_s:.1f} images/s")
-    text_encoder = trainer.text_encoder
+    text_encoder, trainer_precision = trainer.text_encoder, trainer.precision
     del trainer
 
     # 3. evaluation of the saved run, and the baselines on the same items
@@ -239,7 +222,8 @@ def run_demo(out: Path, minutes: float = 8.0, preset: str = "demo", overrides: l
     timings["total_s"] = time.perf_counter() - t_start
     report = {"model": res.summary, **base, "settings": res.settings, "train": {
         "steps": result.step, "images_per_s": result.images_per_s, "final_loss": result.loss,
-        "training_expressions": n_train, "minutes": minutes, "threads": threads, "preset": preset, "overrides": overrides or []},
+        "training_expressions": n_train, "planned_steps": steps, "minutes_limit": minutes, "threads": threads,
+        "precision": trainer_precision, "preset": preset, "overrides": overrides or []},
         "world": world_info,
         "timings": timings, "machine": machine_info(), "examples": cards}
     (out / "metrics.json").write_text(json.dumps(report, indent=1, default=str))
@@ -280,8 +264,8 @@ def write_report(out: Path, report: dict, has_curve: bool = True) -> Path:
                      f"<span class='muted'>{html.escape(c['family'])} · IoU {c['iou']:.2f}</span></div>")
     body = [
         f"<p>Referring segmentation as InstructPix2Pix-style editing (ADDP §2): the model repaints the referred "
-        f"object pure red. <b>{tr['preset']}</b> preset, {tr['steps']} training steps in {tr['minutes']:g} min "
-        f"({tr['images_per_s']:.1f} images/s, {tr.get('threads', '?')} torch thread(s)) on {tr['training_expressions']} training expressions"
+        f"object pure red. <b>{tr['preset']}</b> preset, {tr['steps']} training steps in {t['train_s'] / 60:.1f} min "
+        f"({tr['images_per_s']:.1f} images/s, {tr.get('precision', '?')}, {tr.get('threads', '?')} torch thread(s)) on {tr['training_expressions']} training expressions"
         + (f" of {report['world']['train_scenes']} rendered 32×32 scenes" if report.get("world") else "")
         + f"; evaluated on {st['items']} expressions of held-out scenes with {st['sampler']} {st['steps']} steps"
         f" (text guidance {st['text_scale']:g}, image guidance {st['image_scale']:g}).</p>",

@@ -51,7 +51,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from genperc import build
+from genperc import build, runtime
 from genperc.config import RunConfig
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.timesteps import build_timestep_sampler
@@ -112,9 +112,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tc = cfg.train
-        if tc.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UserError(f"train.mixed_precision={tc.mixed_precision!r} is not valid", "use no, fp16 or bf16")
         self.accelerator = accelerator or make_accelerator(cfg)
+        self.precision = self.accelerator.mixed_precision
         self.task = task or build.build_task(cfg)
         self.schedule = build.build_schedule(cfg)
         self.space = build.build_space(cfg).to(self.accelerator.device)
@@ -122,12 +121,16 @@ class Trainer:
         source = train_source if train_source is not None else _open_train_source(cfg)
         self.dataset = self.task.dataset(source, cfg.data.resolution)
         model = model or build.build_model(cfg, self.task, self.space, self.text_encoder)
+        self.speed = runtime.speed_options(self.accelerator.device, self.precision)
+        if self.speed.classic_attention:
+            runtime.use_classic_attention(model)
         self.timesteps = build_timestep_sampler(tc, self.schedule)
         self.objectives = objectives or [DiffusionObjective()]
         self.combiner = combiner or SumCombiner()
         self.hooks = list(hooks or [])
 
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                           fused=self.speed.fused_adamw or None)
         self.lr_scheduler = _lr_schedule(self.optimizer, tc)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.ema = None
@@ -367,8 +370,11 @@ def _open_train_source(cfg: RunConfig):
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    """The Accelerator of a run: ``train.mixed_precision``; gloo DDP when several CPU processes run."""
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_multi_cpu())
+    """The Accelerator of a run: ``train.mixed_precision`` (``auto`` resolved for the device by
+    :func:`genperc.runtime.resolve_precision`); gloo DDP when several CPU processes run."""
+    cpu = _multi_cpu()
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    return Accelerator(mixed_precision=runtime.resolve_precision(cfg.train.mixed_precision, device), cpu=cpu)
 
 
 def _multi_cpu() -> bool:
