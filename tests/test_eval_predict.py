@@ -243,3 +243,45 @@ def test_ground_truth_resolution_needs_the_full_resolution_truth():
     with pytest.raises(UserError, match="evaluation resolution"):
         evaluate(_FixedX0(), task, dataset, schedule=NoiseSchedule(DiffusionConfig(prediction_type="x0")),
                  space=PixelSpace(), text_encoder=None, sample_cfg=SampleConfig(steps=1), resolution="native")
+
+
+# ---- genperc experiment sampling (few-step perception) --------------------------------------------
+
+
+def test_sampling_experiment_writes_a_row_per_spacing_and_steps(runs, tmp_path, capsys):
+    """Two step counts × two spacings on a tiny depth run: 4 CSV rows with the settings used, one
+    table (rows steps, per spacing AbsRel, δ1 and s/image), each cell's metrics.json beside it."""
+    out = tmp_path / "sampling"
+    rc = main(["experiment", "sampling", str(runs["depth"]), "--steps", "1,2", "--spacings", "trailing,leading",
+               "--limit", "4", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader((out / "sampling.csv").open()))
+    assert [(r["spacing"], r["steps"]) for r in rows] == [("trailing", "1"), ("trailing", "2"), ("leading", "1"),
+                                                          ("leading", "2")]
+    for r in rows:
+        assert r["run"] == str(runs["depth"]) and r["task"] == "depth" and r["items"] == "4"
+        assert (r["sampler"], r["eta"], r["ensemble"], r["train_steps"]) == ("ddim", "0.0", "1", "2")
+        assert float(r["s_per_image"]) > 0 and r["main_metric"] == "AbsRel" and "delta1" in r
+        cell = json.loads((out / "depth" / f"{r['spacing']}-{r['steps']}" / "metrics.json").read_text())
+        assert cell["settings"]["spacing"] == r["spacing"] and float(r["AbsRel"]) == pytest.approx(
+            cell["summary"]["AbsRel"])
+    tables = (out / "tables.md").read_text()
+    assert tables.count("\n| steps |") == 1 and "| trailing AbsRel ↓ | trailing δ1 ↑ | trailing s/image | leading AbsRel ↓" in tables and "leading s/image" in tables
+    assert "\n| 1 |" in tables and "\n| 2 |" in tables and str(runs["depth"]) in tables
+    assert "2 training steps" in tables and "Machine: " in tables
+    assert "| steps |" in capsys.readouterr().out
+
+
+def test_sampling_table_by_hand():
+    from genperc.experiments.sampling import render_table
+
+    base = {"run": "runs/r", "label": "r", "task": "referring", "train_steps": 7, "checkpoint": "c", "weights": "ema",
+            "split": "val", "items": 2, "sampler": "ddim", "eta": 0.0, "ensemble": 1, "text_scale": 1.5,
+            "image_scale": 1.0, "batch_size": 8, "seed": 0, "prediction_type": "x0", "main_metric": "oIoU"}
+    rows = [base | {"spacing": "trailing", "steps": 1, "oIoU": 0.5, "mIoU": 0.25, "s_per_image": 0.125},
+            base | {"spacing": "leading", "steps": 1, "oIoU": 0.0, "mIoU": float("nan"), "s_per_image": 0.5}]
+    table = render_table(rows, "a machine")
+    assert "| steps | trailing oIoU ↑ | trailing mIoU ↑ | trailing s/image | leading oIoU ↑ | leading mIoU ↑ | " \
+           "leading s/image |" in table
+    assert "| 1 | 0.5000 | 0.2500 | 0.125 | 0.0000 | – | 0.5 |" in table
+    assert "7 training steps" in table and "s_T 1.5" in table and "Machine: a machine." in table

@@ -39,7 +39,7 @@ def _mount_subapps() -> None:
     app.add_typer(analyze_app, name="analyze", help="ADDP analyses: per-step curves, contribution factors c_t², augmentation figures.")
     from genperc.experiments import app as experiment_app
 
-    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep).")
+    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep); few-step sampling.")
 
 
 OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.arch=unet-small"

@@ -135,7 +135,7 @@ def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None
     seconds = time.perf_counter() - t0
     res.settings.update({"split": split, "data": {"source": run.cfg.data.source, "path": run.cfg.data.path,
                                                   "resolution": run.cfg.data.resolution},
-                         "checkpoint": str(run.checkpoint), "weights": run.weights, "seconds": round(seconds, 2)})
+                         "checkpoint": str(run.checkpoint), "weights": run.weights, "seconds": round(seconds, 4)})
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
