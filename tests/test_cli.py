@@ -6,7 +6,7 @@ from genperc.cli import main
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["data", "--help"], ["data", "render", "--help"],
-                                  ["experiment", "addp", "--help"]])
+                                  ["experiment", "addp", "--help"], ["experiment", "sampling", "--help"]])
 def test_help(argv, capsys):
     assert main(argv) == 0
     assert "Usage" in capsys.readouterr().out
@@ -32,6 +32,10 @@ def test_experiments_take_a_size_not_a_preset(experiment, capsys):
         (["experiment", "addp", "--task", "pose"], "unknown task 'pose'"),
         (["experiment", "addp", "--strategies", "uniform,best"], "unknown strategy 'best'"),
         (["experiment", "addp", "--size", "tpu"], "unknown experiment size 'tpu'"),
+        (["experiment", "sampling", "runs/none", "--spacings", "foo"], "unknown timestep spacing 'foo'"),
+        (["experiment", "sampling", "runs/none", "--steps", "1,x"], "--steps '1,x'"),
+        (["experiment", "sampling", "runs/none", "--sampler", "plms"], "unknown sampler 'plms'"),
+        (["experiment", "sampling", "/no/such/run", "--steps", "1"], "run directory not found: /no/such/run"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(argv, needle, capsys):

@@ -64,6 +64,71 @@ def test_eval_cli_prints_and_writes(runs, tmp_path, capsys):
     assert settings["sampler"] == "euler-a" and settings["steps"] == 1
 
 
+SAMPLING_KEYS = ("sampler", "steps", "spacing", "eta", "text_scale", "image_scale", "ensemble", "batch_size", "seed",
+                 "weights", "checkpoint", "prediction_type")
+
+
+def _expected_settings(run_dir, **used):
+    """What a run's defaults are, with the settings a command was given in their place."""
+    from genperc.build import latest_checkpoint
+    from genperc.config import load_run_config
+
+    cfg = load_run_config(run_dir)
+    return {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "spacing": cfg.diffusion.timestep_spacing,
+            "eta": cfg.sample.eta, "text_scale": cfg.sample.text_scale, "image_scale": cfg.sample.image_scale,
+            "ensemble": 1, "batch_size": cfg.sample.batch_size, "seed": 0, "weights": "ema",
+            "checkpoint": str(latest_checkpoint(run_dir)), "prediction_type": cfg.diffusion.prediction_type} | used
+
+
+def test_eval_records_every_sampling_setting(runs, tmp_path, capsys):
+    """metrics.json holds each sampling setting with the value used: --spacing and --steps given, the
+    rest the run's (the run was trained with trailing spacing, so leading is the option's)."""
+    rc = main(["eval", str(runs["depth"]), "--spacing", "leading", "--steps", "2", "--limit", "2", "--seed", "3",
+               "--batch-size", "2", "--out", str(tmp_path)])
+    assert rc == 0 and "ddim 2 leading steps" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "metrics.json").read_text())["settings"]
+    expected = _expected_settings(runs["depth"], spacing="leading", steps=2, seed=3, batch_size=2)
+    assert load_config("cpu-depth").diffusion.timestep_spacing == "trailing"
+    assert {k: settings[k] for k in SAMPLING_KEYS} == expected
+
+
+def test_predict_records_every_sampling_setting(runs, image_png, tmp_path, capsys):
+    rc = main(["predict", str(runs["depth"]), "--image", str(image_png), "--spacing", "linspace", "--steps", "3",
+               "--seed", "5", "--ensemble", "2", "--weights", "model", "--out", str(tmp_path)])
+    assert rc == 0
+    info = json.loads((tmp_path / "prediction.json").read_text())
+    expected = _expected_settings(runs["depth"], spacing="linspace", steps=3, seed=5, ensemble=2, weights="model",
+                                  batch_size=1)  # one image per sampler call
+    assert {k: info[k] for k in SAMPLING_KEYS} == expected
+
+
+class _TimestepSpy(torch.nn.Module):
+    """The run's denoiser, noting the timestep of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.timesteps = model, []
+
+    def forward(self, x, t, cond):
+        self.timesteps.append(int(t[0]))
+        return self.model(x, t, cond)
+
+
+@pytest.mark.parametrize("spacing,timesteps", [("trailing", [999, 499]), ("leading", [500, 0]),
+                                               (None, [999, 499])])  # None: the run's (trailing)
+def test_spacing_reaches_the_sampler(runs, image_png, spacing, timesteps, tmp_path):
+    """Two DDIM steps visit t = 999, 499 with trailing spacing and 500, 0 with leading (diffusers'
+    rules), in evaluation and in prediction alike."""
+    run = load_run(runs["depth"])
+    run.model = spy = _TimestepSpy(run.model)
+    res = evaluate_run(run, "val", steps=2, sampler="ddim", spacing=spacing, limit=1)
+    assert spy.timesteps == timesteps and res.settings["spacing"] == (spacing or "trailing")
+    spy.timesteps.clear()
+    predict_files(run, image_png, tmp_path, steps=2, sampler="ddim", spacing=spacing)
+    assert spy.timesteps == timesteps
+    assert run.schedule.config.timestep_spacing == "trailing"  # the run's own schedule is untouched
+
+
 @pytest.mark.parametrize("task,prompt,files", [
     ("depth", None, ["prediction_depth16.png", "prediction_depth_color.png"]),
     ("referring", "the disc", ["prediction_mask.png", "prediction_overlay.png"]),
@@ -103,6 +168,8 @@ def test_user_errors_are_one_line(runs, image_png, tmp_path, capsys):
         ["predict", str(runs["referring"]), "--image", str(tmp_path / "not-an-image.png"), "--prompt", "x"],
         ["predict", str(runs["generalist"]), "--image", str(image_png), "--prompt", "hello"],
         ["eval", str(runs["depth"]), "--ensemble", "0", "--limit", "1"],
+        ["eval", str(runs["depth"]), "--spacing", "foo", "--limit", "1"],
+        ["predict", str(runs["depth"]), "--image", str(image_png), "--spacing", "foo"],
     ]
     for argv in cases:
         capsys.readouterr()
@@ -176,3 +243,45 @@ def test_ground_truth_resolution_needs_the_full_resolution_truth():
     with pytest.raises(UserError, match="evaluation resolution"):
         evaluate(_FixedX0(), task, dataset, schedule=NoiseSchedule(DiffusionConfig(prediction_type="x0")),
                  space=PixelSpace(), text_encoder=None, sample_cfg=SampleConfig(steps=1), resolution="native")
+
+
+# ---- genperc experiment sampling (few-step perception) --------------------------------------------
+
+
+def test_sampling_experiment_writes_a_row_per_spacing_and_steps(runs, tmp_path, capsys):
+    """Two step counts × two spacings on a tiny depth run: 4 CSV rows with the settings used, one
+    table (rows steps, per spacing AbsRel, δ1 and s/image), each cell's metrics.json beside it."""
+    out = tmp_path / "sampling"
+    rc = main(["experiment", "sampling", str(runs["depth"]), "--steps", "1,2", "--spacings", "trailing,leading",
+               "--limit", "4", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader((out / "sampling.csv").open()))
+    assert [(r["spacing"], r["steps"]) for r in rows] == [("trailing", "1"), ("trailing", "2"), ("leading", "1"),
+                                                          ("leading", "2")]
+    for r in rows:
+        assert r["run"] == str(runs["depth"]) and r["task"] == "depth" and r["items"] == "4"
+        assert (r["sampler"], r["eta"], r["ensemble"], r["train_steps"]) == ("ddim", "0.0", "1", "2")
+        assert float(r["s_per_image"]) > 0 and r["main_metric"] == "AbsRel" and "delta1" in r
+        cell = json.loads((out / "depth" / f"{r['spacing']}-{r['steps']}" / "metrics.json").read_text())
+        assert cell["settings"]["spacing"] == r["spacing"] and float(r["AbsRel"]) == pytest.approx(
+            cell["summary"]["AbsRel"])
+    tables = (out / "tables.md").read_text()
+    assert tables.count("\n| steps |") == 1 and "| trailing AbsRel ↓ | trailing δ1 ↑ | trailing s/image | leading AbsRel ↓" in tables and "leading s/image" in tables
+    assert "\n| 1 |" in tables and "\n| 2 |" in tables and str(runs["depth"]) in tables
+    assert "2 training steps" in tables and "Machine: " in tables
+    assert "| steps |" in capsys.readouterr().out
+
+
+def test_sampling_table_by_hand():
+    from genperc.experiments.sampling import render_table
+
+    base = {"run": "runs/r", "label": "r", "task": "referring", "train_steps": 7, "checkpoint": "c", "weights": "ema",
+            "split": "val", "items": 2, "sampler": "ddim", "eta": 0.0, "ensemble": 1, "text_scale": 1.5,
+            "image_scale": 1.0, "batch_size": 8, "seed": 0, "prediction_type": "x0", "main_metric": "oIoU"}
+    rows = [base | {"spacing": "trailing", "steps": 1, "oIoU": 0.5, "mIoU": 0.25, "s_per_image": 0.125},
+            base | {"spacing": "leading", "steps": 1, "oIoU": 0.0, "mIoU": float("nan"), "s_per_image": 0.5}]
+    table = render_table(rows, "a machine")
+    assert "| steps | trailing oIoU ↑ | trailing mIoU ↑ | trailing s/image | leading oIoU ↑ | leading mIoU ↑ | " \
+           "leading s/image |" in table
+    assert "| 1 | 0.5000 | 0.2500 | 0.125 | 0.0000 | – | 0.5 |" in table
+    assert "7 training steps" in table and "s_T 1.5" in table and "Machine: a machine." in table

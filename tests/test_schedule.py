@@ -95,6 +95,18 @@ def test_trailing_one_step_evaluates_last_timestep():
     assert _schedule(timestep_spacing="trailing").timesteps("ddim", 4).tolist() == [999, 749, 499, 249]
 
 
+def test_with_spacing_is_a_sampling_copy():
+    """A sampling-time spacing changes the visited timesteps only; the run's schedule is untouched."""
+    run = _schedule(timestep_spacing="leading")
+    trailing = run.with_spacing("trailing")
+    assert run.with_spacing(None) is run and run.with_spacing("leading") is run
+    assert run.config.timestep_spacing == "leading" and trailing.config.timestep_spacing == "trailing"
+    assert torch.equal(trailing.alphas_cumprod, run.alphas_cumprod)
+    assert trailing.timesteps("ddim", 2).tolist() == [999, 499] and run.timesteps("ddim", 2).tolist() == [500, 0]
+    with pytest.raises(UserError, match="unknown timestep spacing 'foo'"):
+        run.with_spacing("foo")
+
+
 def test_zero_terminal_snr():
     sched = _schedule(zero_terminal_snr=True, prediction_type="v")
     assert sched.alphas_cumprod[-1].item() == 0.0

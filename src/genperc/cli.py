@@ -39,7 +39,7 @@ def _mount_subapps() -> None:
     app.add_typer(analyze_app, name="analyze", help="ADDP analyses: per-step curves, contribution factors c_t², augmentation figures.")
     from genperc.experiments import app as experiment_app
 
-    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep).")
+    app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep); few-step sampling.")
 
 
 @app.callback()
@@ -52,6 +52,8 @@ def _options(threads: int = typer.Option(0, "--threads", help="torch CPU threads
 
 
 OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.arch=unet-small"
+SPACING_HELP = ("Sampling timestep spacing: leading | trailing | linspace (default: the run's "
+                "diffusion.timestep_spacing); trailing with 1-4 DDIM steps is Marigold v1.1's.")
 
 
 @app.command()
@@ -87,6 +89,7 @@ def eval_(
     split: str = typer.Option("val", help="Split of the run's data to evaluate."),
     steps: int = typer.Option(None, help="Sampling steps (default: the run's sample.steps)."),
     sampler: str = typer.Option(None, help="ddim | euler-a | ddpm (default: the run's sample.sampler)."),
+    spacing: str = typer.Option(None, help=SPACING_HELP),
     ensemble: int = typer.Option(1, help="Test-time ensemble size (Marigold-style for depth)."),
     limit: int = typer.Option(None, help="Evaluate only the first N items."),
     seed: int = typer.Option(0, help="Seed of the sampling noise."),
@@ -104,12 +107,12 @@ def eval_(
 
     run = load_run(run_dir, weights=weights, overrides=list(overrides or []))
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
-    evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, ensemble=ensemble, limit=limit, seed=seed,
-                              batch_size=batch_size, text_scale=text_scale, image_scale=image_scale, out=out,
-                              resolution=resolution, progress=True)
+    evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
+                              limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
+                              image_scale=image_scale, out=out, resolution=resolution, progress=True)
     settings = evaluation.settings
     typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {settings['sampler']} {settings['steps']} "
-               f"steps, ensemble {settings['ensemble']}, at {settings['resolution']} resolution, "
+               f"{settings['spacing']} steps, ensemble {settings['ensemble']}, at {settings['resolution']} resolution, "
                f"{settings['seconds']:.0f} s):")
     for name, value in evaluation.summary.items():
         typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
@@ -125,6 +128,7 @@ def predict(
     out: Path = typer.Option(Path("prediction"), help="Output folder."),
     steps: int = typer.Option(None, help="Sampling steps (default: the run's sample.steps)."),
     sampler: str = typer.Option(None, help="ddim | euler-a | ddpm."),
+    spacing: str = typer.Option(None, help=SPACING_HELP),
     ensemble: int = typer.Option(1, help="Test-time ensemble size."),
     seed: int = typer.Option(0, help="Seed of the sampling noise."),
     weights: str = typer.Option("ema", help="ema | model."),
@@ -133,7 +137,8 @@ def predict(
     from genperc.inference import load_run, predict_files
 
     run = load_run(run_dir, weights=weights)
-    paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble)
+    paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, spacing=spacing,
+                                 ensemble=ensemble)
     for note in notes:
         typer.echo(f"note: {note}")
     for path in paths:

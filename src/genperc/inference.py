@@ -94,38 +94,48 @@ def machine_info() -> dict:
             "platform": platform.platform()}
 
 
-def _sample_cfg(run: LoadedRun, steps=None, sampler=None, batch_size=None, text_scale=None, image_scale=None):
+def sampling(run: LoadedRun, *, steps=None, sampler=None, spacing=None, eta=None, batch_size=None,
+             text_scale=None, image_scale=None):
+    """The sample settings and the noise schedule a sampler receives for this run: the run's
+    ``sample`` section and ``diffusion.timestep_spacing``, each value given here in place of the
+    run's (None = the run's). ``spacing`` (leading | trailing | linspace) gives a copy of the run's
+    schedule (:meth:`NoiseSchedule.with_spacing`); the run's own schedule, and so training, keeps its
+    spacing. η is DDIM's only: 0 for the other samplers unless given."""
+    schedule = run.schedule.with_spacing(spacing)
     sc = run.cfg.sample
-    changes = {k: v for k, v in dict(steps=steps, sampler=sampler, batch_size=batch_size, text_scale=text_scale,
-                                      image_scale=image_scale).items() if v is not None}
-    if changes.get("sampler", sc.sampler) != "ddim":
-        changes["eta"] = 0.0  # η is DDIM's only
-    return replace(sc, **changes)
+    changes = {k: v for k, v in dict(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size,
+                                      text_scale=text_scale, image_scale=image_scale).items() if v is not None}
+    if changes.get("sampler", sc.sampler) != "ddim" and eta is None:
+        changes["eta"] = 0.0
+    return replace(sc, **changes), schedule
 
 
-def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, ensemble: int = 1,
-                 limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None, image_scale=None,
-                 out: str | Path | None = None, progress: bool = False, keep: int = 0,
+def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, spacing=None, eta=None,
+                 ensemble: int = 1, limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None,
+                 image_scale=None, out: str | Path | None = None, progress: bool = False, keep: int = 0,
                  resolution: str | None = None):
     """Evaluate a loaded run on a split of its data; write ``metrics.json`` and ``samples.csv``
     into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`.
-    ``resolution``: "model" (default) or "ground-truth" (Marigold's protocol, depth only)."""
+    Sampling settings: see :func:`sampling`; every one is recorded in ``settings`` with the
+    checkpoint and the weights. ``resolution``: "model" (default) or "ground-truth" (Marigold's
+    protocol, depth only)."""
     from genperc.data.sources import open_scene_source
     from genperc.evaluation.evaluate import check_resolution, evaluate
 
     if resolution is not None:
         run.task.evaluation_resolution = check_resolution(resolution)
-    sample_cfg = _sample_cfg(run, steps, sampler, batch_size, text_scale, image_scale)
+    sample_cfg, schedule = sampling(run, steps=steps, sampler=sampler, spacing=spacing, eta=eta,
+                                    batch_size=batch_size, text_scale=text_scale, image_scale=image_scale)
     source = open_scene_source(run.cfg.data, split)
     dataset = run.task.dataset(source, run.cfg.data.resolution)
     t0 = time.perf_counter()
-    res = evaluate(run.model, run.task, dataset, schedule=run.schedule, space=run.space,
+    res = evaluate(run.model, run.task, dataset, schedule=schedule, space=run.space,
                    text_encoder=run.text_encoder, sample_cfg=sample_cfg, device=run.device, seed=seed,
                    limit=limit, keep=keep, progress=progress, ensemble=ensemble)
     seconds = time.perf_counter() - t0
     res.settings.update({"split": split, "data": {"source": run.cfg.data.source, "path": run.cfg.data.path,
                                                   "resolution": run.cfg.data.resolution},
-                         "checkpoint": str(run.checkpoint), "weights": run.weights, "seconds": round(seconds, 2)})
+                         "checkpoint": str(run.checkpoint), "weights": run.weights, "seconds": round(seconds, 4)})
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -182,8 +192,9 @@ def prepare_image(image: np.ndarray, resolution: int) -> tuple[torch.Tensor, lis
 
 @torch.no_grad()
 def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, seed: int = 0, steps=None,
-            sampler=None, ensemble: int = 1, text_scale=None, image_scale=None):
-    """One image (uint8 [H, W, 3]) and prompt → (prediction, generated target [3, r, r], notes)."""
+            sampler=None, spacing=None, eta=None, ensemble: int = 1, text_scale=None, image_scale=None):
+    """One image (uint8 [H, W, 3]) and prompt → (prediction, generated target [3, r, r], notes).
+    Sampling settings: see :func:`sampling` (one image per sampler call, its ensemble members with it)."""
     from genperc.evaluation.evaluate import sample_targets
 
     x, notes = prepare_image(image, run.resolution)
@@ -193,33 +204,37 @@ def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, see
         prompts = None
     task_batch, batch = run.task.request(x, prompts)
     generator = torch.Generator().manual_seed(seed)
-    members = sample_targets(run.model, run.task, task_batch, schedule=run.schedule, space=run.space,
-                             text_encoder=run.text_encoder, sample_cfg=_sample_cfg(run, steps, sampler, None,
-                                                                                   text_scale, image_scale),
-                             generator=generator, device=run.device, ensemble=ensemble)
+    sample_cfg, schedule = sampling(run, steps=steps, sampler=sampler, spacing=spacing, eta=eta, batch_size=1,
+                                    text_scale=text_scale, image_scale=image_scale)
+    members = sample_targets(run.model, run.task, task_batch, schedule=schedule, space=run.space,
+                             text_encoder=run.text_encoder, sample_cfg=sample_cfg, generator=generator,
+                             device=run.device, ensemble=ensemble)
     pred = run.task.decode(members[0], batch) if ensemble == 1 else run.task.decode_ensemble(members, batch)
     return pred[0], members[0][0], notes
 
 
 def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, prompt: str | None = None, *,
-                  seed: int = 0, steps=None, sampler=None, ensemble: int = 1, stem: str = "prediction",
-                  text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
+                  seed: int = 0, steps=None, sampler=None, spacing=None, eta=None, ensemble: int = 1,
+                  stem: str = "prediction", text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
     """``genperc predict``: read the image, predict, write the task's files, the generated target
-    image and ``<stem>.json`` (what was done) into ``out``. Returns (paths, notes)."""
+    image and ``<stem>.json`` (what was done: every sampling setting as used, the checkpoint and
+    the weights) into ``out``. Returns (paths, notes)."""
+    from genperc.evaluation.evaluate import sample_settings
     from genperc.images import save_rgb, to_uint8, upscale
 
+    options = dict(steps=steps, sampler=sampler, spacing=spacing, eta=eta, text_scale=text_scale,
+                   image_scale=image_scale)
+    sample_cfg, schedule = sampling(run, batch_size=1, **options)  # checks the settings before reading the image
     image, notes = load_image(image_path)
-    pred, generated, more = predict(run, image, prompt, seed=seed, steps=steps, sampler=sampler, ensemble=ensemble,
-                                    text_scale=text_scale, image_scale=image_scale)
+    pred, generated, more = predict(run, image, prompt, seed=seed, ensemble=ensemble, **options)
     notes += more
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = run.task.export(pred, out, image, stem=stem)
     paths.append(save_rgb(upscale(to_uint8(generated), 256), out / f"{stem}_generated.png"))
     info = {"image": str(image_path), "prompt": prompt, "task": run.task.name, "run": str(run.run_dir),
-            "checkpoint": str(run.checkpoint), "weights": run.weights, "seed": seed, "ensemble": ensemble,
-            "sampler": sampler or run.cfg.sample.sampler, "steps": steps or run.cfg.sample.steps,
-            "files": [p.name for p in paths], "notes": notes}
+            "checkpoint": str(run.checkpoint), "weights": run.weights,
+            **sample_settings(sample_cfg, schedule, ensemble, seed), "files": [p.name for p in paths], "notes": notes}
     if isinstance(pred, dict) and "subtask" in pred:
         info["subtask"] = pred["subtask"]
     meta = out / f"{stem}.json"

@@ -28,7 +28,7 @@ x0-parameterisation (a warning says so). Every other conversion has no division 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -208,6 +208,22 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.config})"
+
+    def with_spacing(self, spacing: str | None) -> NoiseSchedule:
+        """This schedule sampled with another timestep spacing (``None``: this one's, unchanged).
+
+        The spacing only decides which timesteps a sampler visits (diffusers' ``timestep_spacing``;
+        Lin et al. 2024, Table 2): the betas, ᾱ and the parameterisation are the same, so a model
+        trained with one spacing can be sampled with another. Returns a copy; training keeps the
+        run's ``diffusion.timestep_spacing``.
+        """
+        if spacing is None or spacing == self.config.timestep_spacing:
+            return self
+        _choice(spacing, TIMESTEP_SPACINGS, "timestep spacing")
+        with warnings.catch_warnings():  # the config was checked (and warned about) when it was built
+            warnings.simplefilter("ignore")
+            config = replace(self.config, timestep_spacing=spacing)
+        return NoiseSchedule(config)
 
     # --- lookups -------------------------------------------------------------------------------
 

@@ -84,9 +84,14 @@ def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sa
     return list(x0.chunk(ensemble, dim=0))
 
 
-def sample_settings(sample_cfg, ensemble: int, seed: int) -> dict:
-    return {"sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "text_scale": sample_cfg.text_scale,
-            "image_scale": sample_cfg.image_scale, "eta": sample_cfg.eta, "ensemble": ensemble, "seed": seed}
+def sample_settings(sample_cfg, schedule, ensemble: int, seed: int) -> dict:
+    """Every setting that decides what the sampler draws, as used: sampler, steps, the timestep
+    spacing of ``schedule`` (the one the sampler received), η, guidance scales, ensemble, items per
+    sampler call, seed and the model's prediction type."""
+    return {"sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "spacing": schedule.config.timestep_spacing,
+            "eta": sample_cfg.eta, "text_scale": sample_cfg.text_scale, "image_scale": sample_cfg.image_scale,
+            "ensemble": ensemble, "batch_size": sample_cfg.batch_size, "seed": seed,
+            "prediction_type": schedule.config.prediction_type}
 
 
 RESOLUTIONS = ("model", "ground-truth")
@@ -162,6 +167,6 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
             result.predictions.extend(list(pred[: keep - len(result.predictions)]))
     result.per_sample = {k: torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v for k, v in per_sample.items()}
     result.summary = task.summarize(result.per_sample)
-    result.settings = {**sample_settings(sample_cfg, ensemble, seed), "limit": limit, "items": n,
+    result.settings = {**sample_settings(sample_cfg, schedule, ensemble, seed), "limit": limit, "items": n,
                        "resolution": resolution_setting(resolution, dataset), "task": task.name, "task_settings": task.settings()}
     return result

@@ -1,4 +1,4 @@
-"""Experiments that reproduce the papers' tables: ``genperc experiment …`` (one typer sub-app)."""
+"""Experiments that reproduce the papers' tables and measure runs: ``genperc experiment …`` (one typer sub-app)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Reproduce the papers' tables on local data (ADDP, GenRep).", no_args_is_help=True,
+app = typer.Typer(help="Reproduce the papers' tables on local data (ADDP, GenRep); few-step sampling.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 OVERRIDES_HELP = ("Dotted config overrides, e.g. train.batch_size=64 "
@@ -74,6 +74,29 @@ def addp_command(
                    overrides=list(overrides or []), world_path=world_path, workers=workers, threads=threads,
                    log=typer.echo)
     typer.echo(f"tables → {out / 'tables.md'}")
+
+
+@app.command("sampling")
+def sampling_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories written by `genperc train`."),
+    steps: str = typer.Option("1,4,10,50", help="Sampling step counts, comma-separated."),
+    spacings: str = typer.Option("trailing,leading", help="Timestep spacings, comma-separated: leading | trailing | "
+                                                          "linspace."),
+    limit: int = typer.Option(None, help="Evaluate only the first N items of the split (default: all)."),
+    sampler: str = typer.Option("ddim", help="ddim (Marigold v1.1's, η 0) | euler-a | ddpm."),
+    split: str = typer.Option("val", help="Split of each run's data."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/sampling)."),
+    seed: int = typer.Option(0, help="Seed of the sampling noise."),
+):
+    """Few-step perception: each run's headline metrics and seconds per image at every steps ×
+    spacing (ensemble 1, the run's guidance): OUT/sampling.csv and OUT/tables.md."""
+    from genperc.experiments.sampling import run_experiment
+
+    out = out or Path("runs") / "sampling"
+    tables = run_experiment(list(runs), out, steps=steps, spacings=spacings, sampler=sampler, split=split,
+                            limit=limit, seed=seed, log=typer.echo)
+    typer.echo(tables)
+    typer.echo(f"tables → {out / 'tables.md'}, rows → {out / 'sampling.csv'}")
 
 
 @app.command("genrep-train")
