@@ -14,7 +14,7 @@ ROOT = Path(genperc.__file__).parent
 
 #: Each top-level unit of the package (a subpackage or a module) and its layer, lowest first.
 LAYERS: dict[str, int] = {
-    "genperc": 0, "errors": 0, "atomic": 0, "metrics": 0, "images": 0,
+    "genperc": 0, "errors": 0, "atomic": 0, "metrics": 0, "images": 0, "runtime": 0,
     "diffusion": 1,
     "config": 2, "data": 2,
     "models": 3, "tasks": 3,

@@ -48,7 +48,7 @@ def _options(threads: int = typer.Option(0, "--threads", help="torch CPU threads
                                                                 "the same numbers on a busy or a quiet machine.")):
     from genperc import runtime
 
-    runtime.configure_threads(threads or None)
+    runtime.configure_threads(threads or None, announce=False)  # printed by the commands that compute
 
 
 OVERRIDES_HELP = "Dotted config overrides, e.g. train.lr=3e-4 model.arch=unet-small"

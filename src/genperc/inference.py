@@ -90,7 +90,7 @@ def machine_info() -> dict:
     except AttributeError:
         cores = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
 
 

@@ -253,6 +253,10 @@ class Trainer:
         logger = _Logger(self.run_dir, enabled=self.is_main, resume=resume)
         loader = iter(self._loader())
         per_step_images = tc.batch_size * tc.grad_accum * self.accelerator.num_processes
+        if self.is_main and tc.progress:
+            print(f"[genperc] training {self.run_dir}: steps {self.step}→{total}, precision {self.precision}, "
+                  f"{torch.get_num_threads()} torch thread(s)" + (", classic attention" if self.speed.classic_attention
+                                                                   else ""), file=sys.stderr, flush=True)
         bar = _progress(total, self.step, enabled=self.is_main and tc.progress)
         t_start, step_start, loss_value = time.perf_counter(), self.step, float("nan")
         self.model.train()

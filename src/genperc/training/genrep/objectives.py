@@ -85,7 +85,7 @@ class RepAlignObjective:
         model = unwrap(ctx.model)
         if model.projector is None or model.student_tap not in model.last_features:
             return {}
-        student = model.last_features[model.student_tap]
+        student = model.last_features[model.student_tap].float()  # bf16 when captured under autocast
         if self.cfg.rep_target_input == "clean":
             target = self.teacher.clean_features(ctx.x0)[model.target_tap]
         else:
