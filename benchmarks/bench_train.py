@@ -8,9 +8,10 @@ For unet-tiny at 32 px and unet-small at 64 px, in one process:
 * **peak fraction** — FLOPs of one training step counted with ``torch.utils.flop_counter``,
   divided by the step time with every lever the library uses (``genperc.runtime``), as a
   fraction of the same process's dense-matmul FLOP/s at the same precision.
-* **trainer / bare** — ``Trainer.train`` step time (data order, task codec, cached text encoder,
-  timestep strategy, conditioning dropout, clipping, EMA, logging) over the bare step on the same
-  model, precision and batch: the trainer's own overhead (target ≤ 1.05).
+* **trainer / bare** — ``Trainer.train`` step time (data loading, task codec, cached text encoder,
+  timestep strategy, conditioning dropout, clipping, EMA, logging) over the same recipe written by
+  hand (the bare step + gradient clipping + a foreach EMA) on the same model, precision and batch
+  size: the trainer's own overhead (target ≤ 1.05).
 * the cost of recording a sampler trajectory, as a ratio to sampling without it.
 
 Step times are medians of interleaved repeats (these machines are shared and noisy).
@@ -34,10 +35,12 @@ CASES = [("unet-tiny", 32, 16), ("unet-small", 64, 8)]
 
 
 class BareStep:
-    """What a user would write by hand: x_t from a fixed batch, forward, MSE, backward, AdamW."""
+    """What a user would write by hand: x_t from a fixed batch, forward, MSE, backward, AdamW; with
+    ``recipe`` also the trainer's recipe by hand (gradient clipping at 1 and an EMA of the weights)."""
 
     def __init__(self, arch: str, size: int, batch: int, *, bf16: bool, classic_attention: bool,
-                 channels_last: bool, fused: bool, seed: int = 0):
+                 channels_last: bool, fused: bool, seed: int = 0, recipe: bool = False,
+                 inputs: tuple[torch.Tensor, Conditioning] | None = None):
         self.model = create_denoiser(arch, seed=seed, sample_size=size, in_channels=3, cond_channels=3, text_dim=384)
         if classic_attention:
             runtime.use_classic_attention(self.model)
@@ -46,11 +49,16 @@ class BareStep:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused or None)
         self.sched = NoiseSchedule(DiffusionConfig(prediction_type="x0"))
         self.g = torch.Generator().manual_seed(seed)
-        self.x0 = torch.rand(batch, 3, size, size, generator=self.g) * 2 - 1
-        self.cond = Conditioning(text=torch.randn(batch, 8, 384, generator=self.g),
-                                 text_mask=torch.ones(batch, 8, dtype=torch.bool),
-                                 image=torch.rand(batch, 3, size, size, generator=self.g) * 2 - 1)
-        self.bf16, self.channels_last = bf16, channels_last
+        if inputs is not None:  # the trainer's own batch (target and conditioning)
+            self.x0, self.cond = inputs
+        else:
+            self.x0 = torch.rand(batch, 3, size, size, generator=self.g) * 2 - 1
+            self.cond = Conditioning(text=torch.randn(batch, 8, 384, generator=self.g),
+                                     text_mask=torch.ones(batch, 8, dtype=torch.bool),
+                                     image=torch.rand(batch, 3, size, size, generator=self.g) * 2 - 1)
+        self.bf16, self.channels_last, self.recipe = bf16, channels_last, recipe
+        self.params = list(self.model.parameters())
+        self.ema = [p.detach().clone() for p in self.params] if recipe else []
 
     def __call__(self) -> None:
         t = torch.randint(0, 1000, (self.x0.shape[0],), generator=self.g)
@@ -61,8 +69,13 @@ class BareStep:
             out = self.model(x_t, t, self.cond)
         loss = (out.float() - self.x0).pow(2).mean()
         loss.backward()
+        if self.recipe:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.recipe:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - 0.999)
 
 
 def interleaved(fns: dict, repeats: int, steps: int) -> dict[str, float]:
@@ -111,8 +124,19 @@ def _levers(arch: str, size: int, batch: int, repeats: int, steps: int) -> dict:
         "fp32_s_per_step": round(ref, 4)}
 
 
-def _trainer_vs_bare(arch: str, size: int, batch: int, repeats: int, steps: int) -> dict:
-    """``Trainer.train`` per-step time over the bare step, same model, precision and batch."""
+def _trainer_batch(trainer) -> tuple[torch.Tensor, Conditioning]:
+    """The target and conditioning of the trainer's first batch, as the trainer builds them."""
+    from genperc.data.datasets import collate
+    from genperc.models.conditioning import make_conditioning
+
+    task_batch = trainer.task.prepare(collate([trainer.dataset[i] for i in range(trainer.cfg.train.batch_size)]))
+    with torch.no_grad():
+        cond = make_conditioning(task_batch, trainer.text_encoder, trainer.space, torch.device("cpu"))
+    return trainer.space.encode(task_batch.x0), cond
+
+
+def _trainer_vs_bare(arch: str, size: int, batch: int, repeats: int, steps: int, workers: int = 0) -> dict:
+    """``Trainer.train`` per-step time over the same recipe by hand, same model, precision and batch."""
     from genperc.config import load_config
     from genperc.training.trainer import Trainer
 
@@ -121,6 +145,7 @@ def _trainer_vs_bare(arch: str, size: int, batch: int, repeats: int, steps: int)
         cfg = load_config("cpu-tiny", [f"model.arch={arch}", f"model.sample_size={size}", f"data.resolution={size}",
                                        f"train.batch_size={batch}", "train.progress=false", "train.steps=100000",
                                        "train.checkpoint_every=100000", "train.log_every=10",
+                                       f"data.num_workers={workers}",
                                        f"train.mixed_precision={'bf16' if opts.bf16 else 'no'}"])
         trainer = Trainer(cfg, tmp)
         stamps: list[float] = []
@@ -131,7 +156,7 @@ def _trainer_vs_bare(arch: str, size: int, batch: int, repeats: int, steps: int)
 
         trainer.hooks.append(Clock())
         bare = BareStep(arch, size, batch, bf16=opts.bf16, classic_attention=opts.classic_attention,
-                        channels_last=False, fused=opts.fused_adamw)
+                        channels_last=False, fused=opts.fused_adamw, recipe=True, inputs=_trainer_batch(trainer))
         bare()
         trainer.train(max_steps=trainer.step + 2)  # warm-up (text cache, first checkpoint)
         trainer_steps, bare_steps = [], []
@@ -162,6 +187,9 @@ def _case(arch: str, size: int, batch: int, quick: bool) -> dict:
            "precision": "bf16" if opts.bf16 else "fp32", "classic_attention": opts.classic_attention}
     out |= _levers(arch, size, batch, repeats, steps)
     out |= _trainer_vs_bare(arch, size, batch, repeats, max(steps, 3))
+    if arch == "unet-tiny":  # a data worker decoding ahead of the step (data.num_workers=1)
+        worker = _trainer_vs_bare(arch, size, batch, repeats, max(steps, 3), workers=1)
+        out["trainer_over_bare_with_data_worker"] = worker["trainer_over_bare"]
     return out
 
 

@@ -13,13 +13,6 @@ OVERRIDES_HELP = ("Dotted config overrides, e.g. train.batch_size=64 "
                   "task_options.genrep.posterior.steps=100")
 
 
-def _threads(n: int) -> None:
-    if n > 0:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 @app.command("genrep")
 def genrep_command(
     dataset: str = typer.Option("digits", help="digits (scikit-learn) or world (single-object shapes scenes)."),
@@ -30,14 +23,11 @@ def genrep_command(
     world_path: str = typer.Option(None, help="A rendered world directory (default: render one into OUT/data)."),
     sweep_stages: str = typer.Option(None, help="Tables 9/10 runs: perception (stage 1 only) or full; "
                                                 "default perception on cpu, full on gpu."),
-    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default); 1 is fastest when other "
-                                        "jobs share a small machine."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """GenRep Tables 8, 9, 10, 11, 13, 14 and the training-time overhead, as markdown (OUT/tables.md)."""
     from genperc.experiments.genrep import run_experiment
 
-    _threads(threads)
 
     out = out or Path("runs") / f"genrep-{dataset}-{size}"
     if seeds < 1:
@@ -62,7 +52,8 @@ def addp_command(
                                                       "('' skips part b)."),
     world_path: str = typer.Option(None, help="A rendered world with train/val/test (default: render into OUT/data)."),
     workers: int = typer.Option(None, help="Runs trained in parallel processes (default: the size's; 1 on a GPU)."),
-    threads: int = typer.Option(None, help="torch threads per worker (default: the size's; 0 = torch's default)."),
+    threads: int = typer.Option(None, help="torch threads per worker process (default: the size's; 0 = the process's, i.e. "
+                                           "`genperc --threads`)."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """ADDP Table 5 (timestep strategies), Fig. 8 (augmentation intensity) and Fig. 7 (per-step
@@ -104,7 +95,6 @@ def genrep_train_command(
     preset: str = typer.Option("genrep-cpu", help="Config preset (task classification with task_options.genrep)."),
     run_dir: Path = typer.Option(Path("runs/genrep"), "--run-dir", "-o", help="Output run directory."),
     evaluate: bool = typer.Option(True, help="Evaluate the unified model on data.val_split afterwards."),
-    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """Train one GenRep model: generator (unless stages.pretrained), stage 1 and stage 2, in one command."""
@@ -115,7 +105,6 @@ def genrep_train_command(
     from genperc.diffusion.schedule import NoiseSchedule
     from genperc.training.genrep import GenRepConfig, open_split, train_genrep
 
-    _threads(threads)
     cfg = load_config(preset, list(overrides or []))
     if cfg.task != "classification":
         from genperc.errors import UserError

@@ -137,7 +137,7 @@ class Trainer:
         if tc.ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.unwrapped.parameters(), decay=tc.ema_decay)
+            self.ema = EMAModel(self.unwrapped.parameters(), decay=tc.ema_decay, foreach=True)
         self.step = 0
         self.generator = torch.Generator(device=self.accelerator.device)
         self.generator.manual_seed(tc.seed * 7919 + self.accelerator.process_index)
