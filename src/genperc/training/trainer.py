@@ -289,7 +289,7 @@ class Trainer:
                 logger.log(self.step, {"loss": loss_value, **step_losses, "lr": self.lr_scheduler.get_last_lr()[0],
                                        "images_per_s": ips})
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}", refresh=False)
                 bar.update(1)
             out_of_time = time_limit_s is not None and self._agree(elapsed > time_limit_s)
             if self.step % tc.checkpoint_every == 0 or self.step == total or out_of_time:
