@@ -163,7 +163,7 @@ def _trainer_vs_bare(arch: str, size: int, batch: int, repeats: int, steps: int,
         for _ in range(repeats):
             stamps.clear()
             trainer.train(max_steps=trainer.step + steps + 1)
-            trainer_steps += [b - a for a, b in zip(stamps, stamps[1:])]  # the checkpoint after the last is out
+            trainer_steps += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]  # the checkpoint after the last is out
             t0 = time.perf_counter()
             for _ in range(steps):
                 bare()
