@@ -64,6 +64,39 @@ def test_eval_cli_prints_and_writes(runs, tmp_path, capsys):
     assert settings["sampler"] == "euler-a" and settings["steps"] == 1
 
 
+def test_eval_baselines_cli_scores_the_same_items(runs, tmp_path, capsys):
+    """`genperc eval --baselines`: the depth baselines printed under the model's headline metrics
+    and written to metrics.json on the same items, with the object-pixel depth metrics."""
+    rc = main(["eval", str(runs["depth"]), "--limit", "3", "--steps", "1", "--baselines",
+               "--baseline-fit-items", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "baselines on the same 3 items" in text and "objects/AbsRel" in text
+    assert "training mean map" in text and "row ramp" in text
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["settings"]["items"] == 3 and data["settings"]["baselines"]["fit_items"] == 4
+    assert set(data["baselines"]) == {"training mean map", "row ramp"}
+    for summary in data["baselines"].values():
+        assert summary["items"] == 3 and summary["objects/n"] == 3 and 0 <= summary["AbsRel"] < 1
+    assert data["summary"]["objects/n"] == 3 and "objects/delta1" in data["summary"]
+
+
+@pytest.mark.parametrize("task", ["referring", "generalist"])
+def test_evaluate_run_with_baselines(runs, task, text_encoder, tmp_path):
+    run = load_run(runs[task], text_encoder=text_encoder)
+    res = evaluate_run(run, "val", limit=4, steps=1, out=tmp_path, baselines=True, baseline_fit_items=6)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    names = {"referring": {"empty mask", "all objects", "named shape"},
+             "generalist": {"training mean map", "row ramp", "all background", "best constant box"}}[task]
+    assert set(data["baselines"]) == set(res.baselines) == names
+    assert all(summary["items"] == res.settings["items"] == 4 for summary in res.baselines.values())
+    if task == "referring":
+        assert res.baselines["empty mask"]["oIoU"] == 0 and res.baselines["named shape"]["n"] == 4
+    else:  # the first 4 generalist items: one depth item, then segment items
+        assert res.baselines["row ramp"]["depth/n"] == res.summary["depth/n"] == 1
+        assert res.baselines["all background"]["segment/n"] == res.summary["segment/n"] == 3
+
+
 SAMPLING_KEYS = ("sampler", "steps", "spacing", "eta", "text_scale", "image_scale", "ensemble", "batch_size", "seed",
                  "weights", "checkpoint", "prediction_type")
 

@@ -27,7 +27,10 @@ def test_depth_codec_round_trip_is_exact_up_to_affine():
     m = task.metrics(task.decode(tb.x0), batch)
     assert torch.all(m["AbsRel"] < 1e-3) and torch.all(m["delta1"] == 1)
     s = task.summarize(m)
-    assert set(s) == {"AbsRel", "SqRel", "RMSE", "RMSE_log", "log10", "delta1", "delta2", "delta3", "SIlog"}
+    headline = {"AbsRel", "SqRel", "RMSE", "RMSE_log", "log10", "delta1", "delta2", "delta3", "SIlog"}
+    # the toy source has instance maps: the same metrics on object pixels too (issue 12)
+    assert set(s) == headline | {f"objects/{k}" for k in headline} | {"objects/n"}
+    assert torch.all(m["objects/AbsRel"] < 1e-3) and s["objects/n"] == 3
     assert "depth space" in task.settings()["alignment"]
     with pytest.raises(UserError):
         create_task("depth", space="inverse")

@@ -100,6 +100,10 @@ def eval_(
     resolution: str = typer.Option(None, help="model | ground-truth: score at the model's resolution or, as "
                                    "Marigold does, upsampled to the ground truth's (depth; default: the task's)."),
     out: Path = typer.Option(None, help="Output folder (default RUN/eval/<split>-<checkpoint>)."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also score the task's trivial baselines on the "
+                                   "same items (fitted on the run's training split); printed under the model's "
+                                   "metrics and written to metrics.json under \"baselines\"."),
+    baseline_fit_items: int = typer.Option(500, help="Training items the baselines are fitted on (at most)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
 ):
     """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
@@ -109,15 +113,37 @@ def eval_(
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
     evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
                               limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
-                              image_scale=image_scale, out=out, resolution=resolution, progress=True)
+                              image_scale=image_scale, out=out, resolution=resolution, progress=True,
+                              baselines=baselines, baseline_fit_items=baseline_fit_items)
     settings = evaluation.settings
     typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {settings['sampler']} {settings['steps']} "
                f"{settings['spacing']} steps, ensemble {settings['ensemble']}, at {settings['resolution']} resolution, "
                f"{settings['seconds']:.0f} s):")
     for name, value in evaluation.summary.items():
         typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
+    if baselines:
+        _echo_baselines(run.task, evaluation, settings)
     typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
+
+
+def _echo_baselines(task, evaluation, settings) -> None:
+    """The model's and the baselines' main and headline metrics, one row per predictor."""
+    from genperc.evaluation.baselines import headline_metrics
+
+    rows = {"model": evaluation.summary, **evaluation.baselines}
+    cols = [m for m in headline_metrics(task) if any(m in s for s in rows.values())]
+    width = max(len(name) for name in rows) + 2
+    fit = settings["baselines"]
+    typer.echo(f"baselines on the same {settings['items']} items (fitted on up to {fit['fit_items']} items of "
+               f"the {fit['fit_split']} split):")
+    typer.echo("  " + "predictor".ljust(width) + "".join(f"{m:>{max(len(m), 8) + 2}}" for m in cols))
+    for name, summary in rows.items():
+        cells = []
+        for m in cols:
+            v = summary.get(m)
+            cells.append(f"{('—' if v is None else f'{v:.4f}'):>{max(len(m), 8) + 2}}")
+        typer.echo("  " + name.ljust(width) + "".join(cells))
 
 
 @app.command()

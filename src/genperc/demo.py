@@ -7,9 +7,10 @@
    fixed number of steps (``--steps``; the same seed gives the same model on any machine load;
    ``--minutes`` adds a machine-dependent time limit). The run's checkpoint is in ``OUT/run``.
 3. **Evaluate** the saved run on held-out scenes (loaded back from ``OUT/run`` the way
-   ``genperc eval`` does) and score two trivial baselines on the same expressions: the empty mask,
-   and the mask of every object of the named shape (the expression's head noun; "object" names
-   every object) — what a model would output that learned only to read the shape word.
+   ``genperc eval`` does) and score the trivial baselines (:mod:`genperc.evaluation.baselines`)
+   on the same expressions: the empty mask, every object, and the mask of every object of the
+   named shape (the expression's head noun; "object" names every object) — what a model would
+   output that learned only to read the shape word.
 4. **Predict** on a few held-out scenes through the ``genperc predict`` path (PNG in, mask out).
 5. Write ``OUT/report.html``: metrics beside the baselines, results by expression family, the
    settings, a prediction grid with the expressions, and the training curve; and
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 
 from genperc.config import load_config
+from genperc.evaluation.baselines import head_noun_mask, trivial_baselines  # noqa: F401 (the demo's table; re-exported)
 
 # The demo world: CLEVR-style scenes with 3–5 objects and the camera a little closer than the
 # world's default, so that objects cover more of the 32×32 image (median ≈ 20 pixels). CLEVR's red
@@ -47,44 +49,6 @@ def render_world(root: Path, train_scenes: int, val_scenes: int, workers: int = 
     config = WorldConfig(**DEMO_WORLD)
     for split, n in (("train", train_scenes), ("val", val_scenes)):
         render_split(root, config, split=split, scenes=n, seed=seed, workers=workers, progress=False)
-
-
-def head_noun_mask(record, text: str, plan) -> torch.Tensor:
-    """The trivial "named shape" prediction: every object of the shape the expression's head noun
-    names (the first shape word or "object"; "object" — or no noun — selects every object)."""
-    shapes = {o.category for o in record.objects}
-    names = set(getattr(record, "categories", []) or []) | shapes
-    head = None
-    for word in text.lower().replace(",", " ").split():
-        if word in names or word == "object":
-            head = word
-            break
-    ids = [o.id for o in record.objects if head in (None, "object") or o.category == head]
-    return torch.from_numpy(plan.labels(record.object_mask(ids)))[None, None]
-
-
-def trivial_baselines(dataset, task, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """Score the empty mask and the named-shape mask on the first ``limit`` items of ``dataset``."""
-    from genperc.data.transforms import plan_resize
-
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    per_sample: dict[str, dict[str, list]] = {"empty mask": {}, "named shape": {}}
-    for i in range(count):
-        item = dataset[i]
-        record = dataset.source[item["meta"]["record_index"]]
-        plan = plan_resize(record.image.shape[:2], dataset.resolution, dataset.fit)
-        batch = {"mask": item["mask"][None], "family": [item["family"]]}
-        predictions = {"empty mask": torch.zeros_like(batch["mask"]),
-                       "named shape": head_noun_mask(record, item["text"], plan)}
-        for name, prediction in predictions.items():
-            for key, value in task.metrics(prediction, batch).items():
-                if isinstance(value, torch.Tensor):
-                    per_sample[name].setdefault(key, []).append(value)
-                else:
-                    per_sample[name].setdefault(key, []).extend(value)
-    return {name: task.summarize({key: torch.cat(values) if isinstance(values[0], torch.Tensor) else values
-                                  for key, values in scores.items()})
-            for name, scores in per_sample.items()}
 
 
 def pick_examples(dataset, k: int) -> list[int]:
@@ -244,7 +208,7 @@ def write_report(out: Path, report: dict, has_curve: bool = True) -> Path:
     from genperc.evaluation.report import page, settings_list, table
 
     metrics = ["oIoU", "mIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
-    names = ["model", "empty mask", "named shape"]
+    names = ["model", *(n for n in ("empty mask", "all objects", "named shape") if n in report)]
     rows = [{"predictor": n, **{m: report[n][m] for m in metrics}} for n in names]
     best = {m: "max" for m in metrics}
     families = sorted({k.split("/")[0] for k in report["model"] if "/" in k})
@@ -273,7 +237,8 @@ def write_report(out: Path, report: dict, has_curve: bool = True) -> Path:
         f"torch {mach['torch']}. Time: render {t.get('render_s', 0):.0f} s, train {t['train_s']:.0f} s, "
         f"evaluate {t['eval_s']:.0f} s, predict {t['predict_s']:.0f} s, total {t['total_s'] / 60:.1f} min.</p>",
         "<h2>Held-out metrics</h2>", table(rows, ["predictor", *metrics], bold_best=best),
-        "<p class='muted'>Baselines on the same expressions: <i>empty mask</i> predicts nothing; <i>named shape</i> "
+        "<p class='muted'>Baselines on the same expressions: <i>empty mask</i> predicts nothing; <i>all objects</i> "
+        "every object of the scene; <i>named shape</i> "
         "predicts every object of the shape the expression's head noun names (every object for \"object\").</p>",
         "<h2>By expression family</h2>", table(fam_rows, ["family", "predictor", "expressions", "oIoU", "mIoU", "Prec@0.5"]),
         "<h2>Predictions on held-out scenes</h2>",

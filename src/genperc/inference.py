@@ -19,6 +19,7 @@ import torch
 from genperc import build
 from genperc.config import RunConfig, load_config, load_run_config
 from genperc.errors import UserError
+from genperc.evaluation.baselines import DEFAULT_FIT_ITEMS
 
 # Modes PIL reads that are not photographs: 16/32-bit single channel (depth maps, label maps).
 REFUSED_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -113,12 +114,15 @@ def sampling(run: LoadedRun, *, steps=None, sampler=None, spacing=None, eta=None
 def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, spacing=None, eta=None,
                  ensemble: int = 1, limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None,
                  image_scale=None, out: str | Path | None = None, progress: bool = False, keep: int = 0,
-                 resolution: str | None = None):
+                 resolution: str | None = None, baselines: bool = False,
+                 baseline_fit_items: int = DEFAULT_FIT_ITEMS):
     """Evaluate a loaded run on a split of its data; write ``metrics.json`` and ``samples.csv``
     into ``out`` (when given). Returns the :class:`~genperc.evaluation.evaluate.EvalResult`.
     Sampling settings: see :func:`sampling`; every one is recorded in ``settings`` with the
     checkpoint and the weights. ``resolution``: "model" (default) or "ground-truth" (Marigold's
-    protocol, depth only)."""
+    protocol, depth only). ``baselines``: also score the task's trivial baselines
+    (:mod:`genperc.evaluation.baselines`, fitted on up to ``baseline_fit_items`` items of the run's
+    training split) on the same items, in ``result.baselines`` and ``metrics.json``'s ``"baselines"``."""
     from genperc.data.sources import open_scene_source
     from genperc.evaluation.evaluate import check_resolution, evaluate
 
@@ -126,6 +130,12 @@ def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None
         run.task.evaluation_resolution = check_resolution(resolution)
     sample_cfg, schedule = sampling(run, steps=steps, sampler=sampler, spacing=spacing, eta=eta,
                                     batch_size=batch_size, text_scale=text_scale, image_scale=image_scale)
+    predictors = None
+    if baselines:  # fitted first: building the training set adopts its settings, the eval set's win
+        from genperc.evaluation.baselines import fit_baselines
+
+        train_source = open_scene_source(run.cfg.data, run.cfg.data.train_split)
+        predictors = fit_baselines(run.task, train_source, run.cfg.data.resolution, fit_items=baseline_fit_items)
     source = open_scene_source(run.cfg.data, split)
     dataset = run.task.dataset(source, run.cfg.data.resolution)
     t0 = time.perf_counter()
@@ -136,11 +146,19 @@ def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None
     res.settings.update({"split": split, "data": {"source": run.cfg.data.source, "path": run.cfg.data.path,
                                                   "resolution": run.cfg.data.resolution},
                          "checkpoint": str(run.checkpoint), "weights": run.weights, "seconds": round(seconds, 4)})
+    if predictors is not None:
+        from genperc.evaluation.baselines import score_baselines
+
+        res.baselines = score_baselines(run.task, dataset, predictors, limit=limit,
+                                        batch_size=sample_cfg.batch_size)
+        res.settings["baselines"] = {"fit_split": run.cfg.data.train_split, "fit_items": baseline_fit_items,
+                                     "predictors": {b.name: b.description for b in predictors}}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         payload = {"task": run.task.name, "main_metric": run.task.main_metric, "summary": res.summary,
-                   "settings": res.settings, "machine": machine_info(),
+                   "settings": res.settings, **({"baselines": res.baselines} if predictors is not None else {}),
+                   "machine": machine_info(),
                    "when": time.strftime("%Y-%m-%d %H:%M:%S")}
         (out / "metrics.json").write_text(json.dumps(payload, indent=1, default=str))
         res.write_csv(out / "samples.csv")

@@ -4,7 +4,9 @@
   the affine-invariant prediction over the valid pixels — in depth space (``s·p + b ≈ d``) or, as
   an option, in disparity space (``s·p + b ≈ 1/d``, then depth = 1/disparity) — then clip to the
   data set's depth range and to ≥ 1e-6, then per image AbsRel, SqRel, RMSE, RMSE-log, log10,
-  δ1/δ2/δ3 (strict ``<``) and SIlog; split-level numbers are the mean over images.
+  δ1/δ2/δ3 (strict ``<``) and SIlog; split-level numbers are the mean over images. The same
+  numbers on object pixels only (``objects/…``): the alignment fitted on every valid pixel, the
+  errors averaged over the valid pixels of the objects; images without object pixels are left out.
 * Referring segmentation: per expression I = |P∧G|, U = |P∨G|; oIoU = ΣI/ΣU, mIoU = mean I/U
   (0 when U = 0), Prec@X = share of expressions with IoU ≥ X (or > X).
 * Semantic segmentation: a C×C confusion matrix (rows ground truth, columns prediction, ignored
@@ -99,16 +101,27 @@ def depth_errors(pred: Tensor, gt: Tensor, valid: Tensor) -> dict[str, float]:
 
 
 def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor, *, alignment: str = "depth",
-                  min_depth: float = 1e-3, max_depth: float = 100.0) -> dict[str, Tensor]:
+                  min_depth: float = 1e-3, max_depth: float = 100.0,
+                  objects: Tensor | None = None) -> dict[str, Tensor]:
     """Per-image metrics of a batch: ``pred`` affine-invariant [B, 1, H, W] (or [B, H, W]), ``gt``
-    metric depth and ``valid`` of the same shape. Pixels count when valid and min < gt < max."""
+    metric depth and ``valid`` of the same shape. Pixels count when valid and min < gt < max.
+
+    ``objects`` (bool, the shape of ``valid``): also ``objects/<metric>`` for every metric, scored
+    on the counted pixels inside that mask only, with the scale and shift fitted on all counted
+    pixels as for the headline numbers (so the object numbers measure the same aligned map); NaN
+    for an image without object pixels."""
     pred, gt, valid = (x.reshape(x.shape[0], *x.shape[-2:]).cpu() for x in (pred, gt, valid))
+    regions = None if objects is None else objects.reshape(objects.shape[0], *objects.shape[-2:]).cpu().bool()
     rows = []
-    for p, g, v in zip(pred, gt, valid, strict=True):
+    for i, (p, g, v) in enumerate(zip(pred, gt, valid, strict=True)):
         v = v.bool() & (g > min_depth) & (g < max_depth)
         aligned = align_depth(p, g, v, alignment=alignment, min_depth=min_depth, max_depth=max_depth)
-        rows.append(depth_errors(aligned, g, v))
-    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in DEPTH_METRICS}
+        row = depth_errors(aligned, g, v)
+        if regions is not None:
+            row.update({f"objects/{k}": x for k, x in depth_errors(aligned, g, v & regions[i]).items()})
+        rows.append(row)
+    keys = [*DEPTH_METRICS, *(f"objects/{k}" for k in DEPTH_METRICS)] if regions is not None else DEPTH_METRICS
+    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in keys}
 
 
 # --------------------------------------------------------------------------- masks

@@ -13,7 +13,9 @@ Task keys:
 ==========================  ===================================================================
 dataset                     keys
 ==========================  ===================================================================
-:class:`DepthDataset`       ``depth`` float32 [1,H,W] metres (0 where invalid), ``valid`` bool [1,H,W]
+:class:`DepthDataset`       ``depth`` float32 [1,H,W] metres (0 where invalid), ``valid`` bool [1,H,W];
+                            ``objects`` bool [1,H,W] (every annotated object's pixels) when the
+                            record has an instance map
 :class:`ReferringDataset`   ``mask`` bool [1,H,W], ``text`` str, ``family`` str, ``expression_id`` str
 :class:`SemanticDataset`    ``semantic`` int64 [H,W], −1 = ignore
 :class:`DetectionDataset`   ``boxes`` float32 [N,4] xyxy output pixels, ``labels`` int64 [N]
@@ -124,11 +126,15 @@ class DepthDataset(SceneDataset):
     samples at pixel centres. A record without ``depth_valid`` counts finite, positive depth valid.
     ``ground_truth=True`` also gives ``gt_depth`` / ``gt_valid`` [1, h, w]: the same crop at the
     record's own resolution, for evaluation at the ground truth's resolution (Marigold's protocol).
+    ``object_mask=True`` (default) adds ``objects`` bool [1, H, W], the union of the annotated
+    objects' pixels (nearest-neighbour resized; ``gt_objects`` at the ground truth's resolution),
+    for records with an instance map (the shapes world, the toy source) — the depth metrics on
+    object pixels. Records without one carry no ``objects`` (a source is assumed to be uniform).
     """
 
     def __init__(self, source, resolution=None, fit: str = "stretch",
                  depth_resize: str = "masked_average", valid_threshold: float = 0.5,
-                 ground_truth: bool = False):
+                 ground_truth: bool = False, object_mask: bool = True):
         super().__init__(source, resolution, fit)
         if depth_resize not in ("masked_average", "nearest"):
             raise UserError(f"unknown depth_resize '{depth_resize}'",
@@ -136,6 +142,7 @@ class DepthDataset(SceneDataset):
         self.depth_resize = depth_resize
         self.valid_threshold = float(valid_threshold)
         self.ground_truth = bool(ground_truth)
+        self.object_mask = bool(object_mask)
 
     def _targets(self, record_index, record, plan):
         if record.depth is None:
@@ -151,6 +158,11 @@ class DepthDataset(SceneDataset):
             native = ResizePlan(plan.in_hw, plan.crop, (y1 - y0, x1 - x0))
             gd, gv = native.depth(depth, valid)
             out.update({"gt_depth": torch.from_numpy(gd)[None], "gt_valid": torch.from_numpy(gv)[None]})
+        if getattr(self, "object_mask", False) and record.instances is not None:
+            pixels = record.object_mask([o.id for o in record.objects])
+            out["objects"] = torch.from_numpy(plan.labels(pixels))[None]
+            if self.ground_truth:
+                out["gt_objects"] = torch.from_numpy(native.labels(pixels))[None]
         return out
 
 

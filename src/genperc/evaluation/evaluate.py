@@ -29,6 +29,7 @@ class EvalResult:
     samples: list = field(default_factory=list)  # generated target images [-1, 1], when kept
     rows: list[dict] = field(default_factory=list)  # one per item: identifiers + scalar metrics
     settings: dict = field(default_factory=dict)  # sampler, steps, guidance, ensemble, task settings
+    baselines: dict = field(default_factory=dict)  # {name: summary} of trivial baselines on the same items
 
     def write_csv(self, path: str | Path) -> Path:
         """The per-sample rows as CSV (NaN where a metric does not apply to the item)."""

@@ -20,7 +20,10 @@
   result is the median, renormalised to [0, 1].
 * **Metrics** (Marigold's evaluation): :func:`genperc.metrics.depth_metrics` — LSQ scale
   and shift over valid pixels, clip to ``[min_depth, max_depth]`` and ≥ 1e-6, AbsRel, SqRel,
-  RMSE, RMSE-log, log10, δ1–3 (strict), SIlog, per image then averaged.
+  RMSE, RMSE-log, log10, δ1–3 (strict), SIlog, per image then averaged. On sources with instance
+  maps (the shapes world, the toy source) also ``objects/…``: the same metrics on the object
+  pixels only, with the alignment fitted on every valid pixel; averaged over the images that
+  have object pixels (``objects/n``).
 """
 
 from __future__ import annotations
@@ -181,12 +184,29 @@ class DepthTask(Task):
                             "set task.evaluation_resolution = 'ground-truth' before building the dataset")
         size = batch["gt_depth"].shape[-2:]
         upsampled = F.interpolate(prediction.float(), size=size, mode="bilinear", align_corners=False)
-        return upsampled, {**batch, "depth": batch["gt_depth"], "valid": batch["gt_valid"]}
+        truth = {k: v for k, v in batch.items() if k != "objects"}
+        if "gt_objects" in batch:
+            truth["objects"] = batch["gt_objects"]
+        return upsampled, {**truth, "depth": batch["gt_depth"], "valid": batch["gt_valid"]}
 
     def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor]:
+        """Marigold's metrics per image; with an ``objects`` mask in the batch (sources with
+        instance maps) also ``objects/…`` on the object pixels, aligned on every valid pixel."""
         # in disparity space the prediction is affine in −1/d: the least-squares scale takes the sign
         return depth_metrics(prediction, batch["depth"], batch["valid"], alignment=self.space,
-                               min_depth=self.min_depth, max_depth=self.max_depth)
+                             min_depth=self.min_depth, max_depth=self.max_depth, objects=batch.get("objects"))
+
+    def summarize(self, per_sample: dict) -> dict[str, float]:
+        """The mean over images; ``objects/…`` over the images with object pixels (``objects/n``)."""
+        out = {k: float(v.float().mean()) for k, v in per_sample.items()
+               if isinstance(v, Tensor) and v.ndim == 1 and not k.startswith("objects/")}
+        if "objects/AbsRel" in per_sample:
+            has = ~torch.isnan(per_sample["objects/AbsRel"])
+            for k, v in per_sample.items():
+                if k.startswith("objects/") and isinstance(v, Tensor) and v.ndim == 1:
+                    out[k] = float(v[has].double().mean()) if has.any() else float("nan")
+            out["objects/n"] = float(has.sum())
+        return out
 
     def settings(self) -> dict:
         return {"alignment": "least squares in " + self.space + " space", "depth_range": self.depth_range.as_list(),

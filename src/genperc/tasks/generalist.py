@@ -21,7 +21,8 @@ confidence is the mean box-colour response on that rectangle's outline — Instr
 gives no scores, which leaves AP's ranking undefined (REFERENCE.md). Touching boxes of one class
 merge into one contour (a limitation of decoding boxes from drawn outlines).
 
-Metrics, grouped per subtask in the summary: ``depth/…`` Marigold's depth metrics; ``segment/…``
+Metrics, grouped per subtask in the summary: ``depth/…`` Marigold's depth metrics (and
+``depth/objects/…`` on object pixels, when the source has instance maps); ``segment/…``
 the standard per-class mIoU from a confusion matrix, where each scene's semantic map is assembled
 from its ``segment`` items (a pixel takes the class with the strongest response above 0.5, else
 background; classes whose item was not evaluated, e.g. cut by ``--limit``, do not compete), plus
@@ -61,6 +62,7 @@ PROMPTS = {
     "segment": ("segment the {c}", "segment every {c}", "show the mask of the {c}", "highlight the {c} pixels"),
     "detect": ("detect the {c}", "detect every {c}", "draw boxes around the {c}", "find the {c} and box it"),
 }
+OBJECT_METRICS = tuple(f"objects/{k}" for k in DEPTH_METRICS)  # depth on object pixels (depth_metrics)
 BOX_COLOUR = (0, 255, 0)  # pure green: far from every CLEVR colour (≥ 150 RGB units)
 
 
@@ -339,15 +341,18 @@ class GeneralistTask(Task):
     def metrics(self, prediction: list[dict], batch: dict) -> dict[str, Tensor | list]:
         n = len(prediction)
         nan = float("nan")
-        cols: dict[str, list] = {k: [nan] * n for k in (*DEPTH_METRICS, "IoU", "boxes_found", "boxes_true")}
+        objects = batch.get("objects")
+        depth_keys = (*DEPTH_METRICS, *(OBJECT_METRICS if objects is not None else ()))
+        cols: dict[str, list] = {k: [nan] * n for k in (*depth_keys, "IoU", "boxes_found", "boxes_true")}
         seg, det = [None] * n, [None] * n
         records = [m.get("record_index", i) for i, m in enumerate(batch.get("meta", [{}] * n))]
         for i, p in enumerate(prediction):
             sub = p["subtask"]
             if sub == "depth":
                 vals = depth_metrics(p["depth"][None], batch["depth"][i:i + 1], batch["valid"][i:i + 1],
-                                       min_depth=self.depth_range.min_depth, max_depth=self.depth_range.max_depth)
-                for k in DEPTH_METRICS:
+                                     min_depth=self.depth_range.min_depth, max_depth=self.depth_range.max_depth,
+                                     objects=None if objects is None else objects[i:i + 1])
+                for k in depth_keys:
                     cols[k][i] = float(vals[k][0])
             elif sub == "segment":
                 inter, union = mask_intersection_union(p["mask"][None], batch["mask"][i:i + 1])
@@ -374,6 +379,10 @@ class GeneralistTask(Task):
         if is_depth.any():
             for k in DEPTH_METRICS:
                 out[f"depth/{k}"] = nanmean(per_sample[k][is_depth].tolist())
+            if "objects/AbsRel" in per_sample:  # over the depth items with object pixels
+                for k in OBJECT_METRICS:
+                    out[f"depth/{k}"] = nanmean(per_sample[k][is_depth].tolist())
+                out["depth/objects/n"] = float((~torch.isnan(per_sample["objects/AbsRel"][is_depth])).sum())
         seg = [s for s in per_sample["seg"] if s is not None]
         if seg:
             out.update({f"segment/{k}": v for k, v in self._semantic_summary(seg).items()})
