@@ -36,6 +36,9 @@ def _trajectory(run_dir: Path, split: str, samples: int, steps: int | None, samp
     from genperc.inference import load_run
 
     run = load_run(run_dir, weights=weights, device=device, overrides=list(overrides or []))
+    if run.mode == "discriminative":
+        raise UserError(f"{run_dir} is a discriminative run (model.mode): one forward, no denoising trajectory",
+                        "analyze a run trained with model.mode=generative")
     sample_cfg = run.cfg.sample
     if sampler is not None:
         sample_cfg = replace(sample_cfg, sampler=sampler, eta=sample_cfg.eta if sampler == "ddim" else 0.0)

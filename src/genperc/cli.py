@@ -116,8 +116,9 @@ def eval_(
                               image_scale=image_scale, out=out, resolution=resolution, progress=True,
                               baselines=baselines, baseline_fit_items=baseline_fit_items)
     settings = evaluation.settings
-    typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {settings['sampler']} {settings['steps']} "
-               f"{settings['spacing']} steps, ensemble {settings['ensemble']}, at {settings['resolution']} resolution, "
+    how = (f"discriminative, {settings['forward']}" if settings.get("mode") == "discriminative" else
+           f"{settings['sampler']} {settings['steps']} {settings['spacing']} steps, ensemble {settings['ensemble']}")
+    typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {how}, at {settings['resolution']} resolution, "
                f"{settings['seconds']:.0f} s):")
     for name, value in evaluation.summary.items():
         typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")

@@ -26,9 +26,23 @@ from genperc.errors import UserError
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+MODEL_MODES = ("generative", "discriminative")
+
+
 @dataclass
 class ModelConfig:
-    """Which denoiser to build (``arch``: an architecture of ``genperc.models.registry``) and from what."""
+    """Which denoiser to build (``arch``: an architecture of ``genperc.models.registry``) and from what.
+
+    ``mode`` is how the run uses that denoiser, saved with the run so that ``genperc eval`` and
+    ``predict`` use it the same way:
+
+    * ``generative`` (default): a diffusion model — trained by the denoising loss on noised
+      targets, evaluated by sampling (ADDP);
+    * ``discriminative``: ADDP Table 2's counterpart — the same denoiser, text encoder and image
+      conditioning, one deterministic forward at t = T−1 on a zero input (Garcia et al., WACV 2025,
+      :mod:`genperc.models.discriminative`) trained with the task's own loss
+      (``Task.discriminative_loss``) and evaluated by that same single forward (no sampler, no ensemble).
+    """
 
     arch: str = "unet-tiny"
     sample_size: int = 32
@@ -36,6 +50,12 @@ class ModelConfig:
     vae: str | None = None  # local AutoencoderKL directory → latent space; None = pixel space
     text_encoder: str = "minilm"  # "minilm", "none" or a local CLIP text-encoder directory
     text_max_length: int = 32
+    mode: str = "generative"  # generative | discriminative (see the class docstring)
+
+    def __post_init__(self):
+        if self.mode not in MODEL_MODES:
+            raise UserError(f"model.mode={self.mode!r} is not valid",
+                            "use model.mode=generative (diffusion) or model.mode=discriminative (one forward, task loss)")
 
 
 @dataclass

@@ -43,6 +43,11 @@ class LoadedRun:
     def resolution(self) -> int:
         return int(self.cfg.data.resolution)
 
+    @property
+    def mode(self) -> str:
+        """``model.mode`` of the run: "generative" (sampled) or "discriminative" (one forward)."""
+        return self.cfg.model.mode
+
 
 def load_run(run_dir: str | Path, *, weights: str = "ema", device: str | torch.device | None = None,
              text_encoder=None, overrides: list[str] | None = None) -> LoadedRun:
@@ -124,8 +129,9 @@ def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None
     (:mod:`genperc.evaluation.baselines`, fitted on up to ``baseline_fit_items`` items of the run's
     training split) on the same items, in ``result.baselines`` and ``metrics.json``'s ``"baselines"``."""
     from genperc.data.sources import open_scene_source
-    from genperc.evaluation.evaluate import check_resolution, evaluate
+    from genperc.evaluation.evaluate import check_ensemble, check_resolution, evaluate
 
+    check_ensemble(ensemble, run.mode)
     if resolution is not None:
         run.task.evaluation_resolution = check_resolution(resolution)
     sample_cfg, schedule = sampling(run, steps=steps, sampler=sampler, spacing=spacing, eta=eta,
@@ -141,7 +147,7 @@ def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None
     t0 = time.perf_counter()
     res = evaluate(run.model, run.task, dataset, schedule=schedule, space=run.space,
                    text_encoder=run.text_encoder, sample_cfg=sample_cfg, device=run.device, seed=seed,
-                   limit=limit, keep=keep, progress=progress, ensemble=ensemble)
+                   limit=limit, keep=keep, progress=progress, ensemble=ensemble, mode=run.mode)
     seconds = time.perf_counter() - t0
     res.settings.update({"split": split, "data": {"source": run.cfg.data.source, "path": run.cfg.data.path,
                                                   "resolution": run.cfg.data.resolution},
@@ -213,7 +219,7 @@ def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, see
             sampler=None, spacing=None, eta=None, ensemble: int = 1, text_scale=None, image_scale=None):
     """One image (uint8 [H, W, 3]) and prompt → (prediction, generated target [3, r, r], notes).
     Sampling settings: see :func:`sampling` (one image per sampler call, its ensemble members with it)."""
-    from genperc.evaluation.evaluate import sample_targets
+    from genperc.evaluation.evaluate import decode_members, sample_targets
 
     x, notes = prepare_image(image, run.resolution)
     prompts = [prompt] if prompt is not None else None
@@ -226,8 +232,8 @@ def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, see
                                     text_scale=text_scale, image_scale=image_scale)
     members = sample_targets(run.model, run.task, task_batch, schedule=schedule, space=run.space,
                              text_encoder=run.text_encoder, sample_cfg=sample_cfg, generator=generator,
-                             device=run.device, ensemble=ensemble)
-    pred = run.task.decode(members[0], batch) if ensemble == 1 else run.task.decode_ensemble(members, batch)
+                             device=run.device, ensemble=ensemble, mode=run.mode)
+    pred = decode_members(run.task, members, batch, run.mode)
     return pred[0], members[0][0], notes
 
 
@@ -237,12 +243,13 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
     """``genperc predict``: read the image, predict, write the task's files, the generated target
     image and ``<stem>.json`` (what was done: every sampling setting as used, the checkpoint and
     the weights) into ``out``. Returns (paths, notes)."""
-    from genperc.evaluation.evaluate import sample_settings
+    from genperc.evaluation.evaluate import check_ensemble, sample_settings
     from genperc.images import save_rgb, to_uint8, upscale
 
     options = dict(steps=steps, sampler=sampler, spacing=spacing, eta=eta, text_scale=text_scale,
                    image_scale=image_scale)
     sample_cfg, schedule = sampling(run, batch_size=1, **options)  # checks the settings before reading the image
+    check_ensemble(ensemble, run.mode)
     image, notes = load_image(image_path)
     pred, generated, more = predict(run, image, prompt, seed=seed, ensemble=ensemble, **options)
     notes += more
@@ -252,7 +259,7 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
     paths.append(save_rgb(upscale(to_uint8(generated), 256), out / f"{stem}_generated.png"))
     info = {"image": str(image_path), "prompt": prompt, "task": run.task.name, "run": str(run.run_dir),
             "checkpoint": str(run.checkpoint), "weights": run.weights,
-            **sample_settings(sample_cfg, schedule, ensemble, seed), "files": [p.name for p in paths], "notes": notes}
+            **sample_settings(sample_cfg, schedule, ensemble, seed, run.mode), "files": [p.name for p in paths], "notes": notes}
     if isinstance(pred, dict) and "subtask" in pred:
         info["subtask"] = pred["subtask"]
     meta = out / f"{stem}.json"

@@ -57,19 +57,37 @@ def make_guidance(task, text_scale: float, image_scale: float):
     return None
 
 
+def check_ensemble(ensemble, mode: str = "generative") -> None:
+    """A positive ensemble size; a discriminative run (one deterministic forward) takes 1 only."""
+    if not isinstance(ensemble, int) or ensemble < 1:
+        raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
+    if mode == "discriminative" and ensemble > 1:
+        raise UserError(f"--ensemble {ensemble}: a discriminative run makes one deterministic prediction per item",
+                        "drop --ensemble (or use --ensemble 1)")
+
+
 def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sample_cfg, generator, device="cpu",
-                   ensemble: int = 1) -> list[torch.Tensor]:
+                   ensemble: int = 1, mode: str = "generative") -> list[torch.Tensor]:
     """Generate ``ensemble`` target images per item of a TaskBatch, in one sampler call.
 
     Returns a list of ``ensemble`` tensors [B, C, H, W] on the CPU, clamped to [-1, 1] unless the
     task clamps after its own decoding (``task.clamps_own_decode``, depth: Marigold's order). The
     noise of member e is rows e·B … (e+1)·B of one draw from ``generator`` (so ``ensemble=1`` draws
-    exactly [B, …])."""
+    exactly [B, …]).
+
+    ``mode="discriminative"`` (the run's ``model.mode``): no sampler — one forward at t = T−1 on
+    x_T = 0 (:func:`genperc.models.discriminative.discriminative_forward`), the one member being
+    the unclamped estimate x̂0 that ``task.decode_discriminative`` reads; nothing is drawn from
+    ``generator`` and ``sample_cfg`` is not used."""
     from genperc.diffusion.sampler import sample
 
-    if not isinstance(ensemble, int) or ensemble < 1:
-        raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
+    check_ensemble(ensemble, mode)
     cond = make_conditioning(task_batch, text_encoder, space, device)
+    if mode == "discriminative":
+        from genperc.models.discriminative import discriminative_forward
+
+        x0 = discriminative_forward(model, cond, schedule, space, task_batch.x0.shape, device=device)
+        return [x0.detach().float().cpu()]
     b = task_batch.x0.shape[0]
     if ensemble > 1:
         cond = cond.repeat(ensemble)
@@ -85,14 +103,35 @@ def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sa
     return list(x0.chunk(ensemble, dim=0))
 
 
-def sample_settings(sample_cfg, schedule, ensemble: int, seed: int) -> dict:
-    """Every setting that decides what the sampler draws, as used: sampler, steps, the timestep
-    spacing of ``schedule`` (the one the sampler received), η, guidance scales, ensemble, items per
-    sampler call, seed and the model's prediction type."""
-    return {"sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "spacing": schedule.config.timestep_spacing,
-            "eta": sample_cfg.eta, "text_scale": sample_cfg.text_scale, "image_scale": sample_cfg.image_scale,
-            "ensemble": ensemble, "batch_size": sample_cfg.batch_size, "seed": seed,
-            "prediction_type": schedule.config.prediction_type}
+NOT_APPLICABLE = "n/a"
+
+
+def sample_settings(sample_cfg, schedule, ensemble: int, seed: int, mode: str = "generative") -> dict:
+    """Every setting that decides what the sampler draws, as used: the run's mode, sampler, steps,
+    the timestep spacing of ``schedule`` (the one the sampler received), η, guidance scales,
+    ensemble, items per sampler call, seed and the model's prediction type. A discriminative run
+    has no sampler: its one forward is recorded (``forward``), the sampler's settings as "n/a"."""
+    if mode == "discriminative":
+        from genperc.models.discriminative import discriminative_timestep
+
+        na = NOT_APPLICABLE
+        return {"mode": mode, "forward": f"one step at t = {discriminative_timestep(schedule)} on x_T = 0 "
+                                         "(Garcia et al. 2025)",
+                "sampler": na, "steps": 1, "spacing": na, "eta": na, "text_scale": na, "image_scale": na,
+                "ensemble": ensemble, "batch_size": sample_cfg.batch_size, "seed": na,
+                "prediction_type": schedule.config.prediction_type}
+    return {"mode": mode, "sampler": sample_cfg.sampler, "steps": sample_cfg.steps,
+            "spacing": schedule.config.timestep_spacing, "eta": sample_cfg.eta, "text_scale": sample_cfg.text_scale,
+            "image_scale": sample_cfg.image_scale, "ensemble": ensemble, "batch_size": sample_cfg.batch_size,
+            "seed": seed, "prediction_type": schedule.config.prediction_type}
+
+
+def decode_members(task, members: list[torch.Tensor], batch, mode: str = "generative"):
+    """The prediction of :func:`sample_targets`' members: ``task.decode`` (one member),
+    ``task.decode_ensemble`` (several), or ``task.decode_discriminative`` for a discriminative run."""
+    if mode == "discriminative":
+        return task.decode_discriminative(members[0], batch)
+    return task.decode(members[0], batch) if len(members) == 1 else task.decode_ensemble(members, batch)
 
 
 RESOLUTIONS = ("model", "ground-truth")
@@ -114,7 +153,7 @@ def resolution_setting(resolution: str, dataset) -> str:
 @torch.no_grad()
 def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg, device="cpu",
              seed: int = 0, limit: int | None = None, keep: int = 0, progress: bool = False,
-             ensemble: int = 1, resolution: str | None = None) -> EvalResult:
+             ensemble: int = 1, resolution: str | None = None, mode: str = "generative") -> EvalResult:
     """Sample every item of ``dataset`` (or the first ``limit``) and score it with the task.
 
     ``ensemble`` > 1 generates that many targets per item from independent noise and combines them
@@ -123,11 +162,12 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
     ``"model"`` (the dataset's resolution) or ``"ground-truth"`` (the prediction resized to the
     ground truth's own resolution, :meth:`Task.at_ground_truth_resolution`; the dataset must be
     built after setting ``task.evaluation_resolution = "ground-truth"``).
-    ``keep`` keeps the first generated images and predictions (for figures)."""
+    ``keep`` keeps the first generated images and predictions (for figures). ``mode`` is the run's
+    ``model.mode``: "discriminative" replaces the sampler by the one forward and ``task.decode`` by
+    ``task.decode_discriminative`` (:func:`sample_targets`); the metrics are the same."""
     from genperc.data.datasets import collate
 
-    if not isinstance(ensemble, int) or ensemble < 1:
-        raise UserError(f"ensemble must be a positive integer, got {ensemble!r}", "use --ensemble 1 (no ensemble) or more")
+    check_ensemble(ensemble, mode)
     resolution = check_resolution(resolution or task.evaluation_resolution)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be positive, got {limit}", "use e.g. --limit 100")
@@ -148,8 +188,9 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
     for batch in iterator:
         task_batch = task.prepare(batch)
         members = sample_targets(model, task, task_batch, schedule=schedule, space=space, text_encoder=text_encoder,
-                                 sample_cfg=sample_cfg, generator=generator, device=device, ensemble=ensemble)
-        pred = task.decode(members[0], batch) if ensemble == 1 else task.decode_ensemble(members, batch)
+                                 sample_cfg=sample_cfg, generator=generator, device=device, ensemble=ensemble,
+                                 mode=mode)
+        pred = decode_members(task, members, batch, mode)
         scored, truth = task.at_ground_truth_resolution(pred, batch) if resolution == "ground-truth" else (pred, batch)
         values = task.metrics(scored, truth)
         rows = task.describe(batch)
@@ -168,6 +209,6 @@ def evaluate(model, task, dataset, *, schedule, space, text_encoder, sample_cfg,
             result.predictions.extend(list(pred[: keep - len(result.predictions)]))
     result.per_sample = {k: torch.cat(v) if v and isinstance(v[0], torch.Tensor) else v for k, v in per_sample.items()}
     result.summary = task.summarize(result.per_sample)
-    result.settings = {**sample_settings(sample_cfg, schedule, ensemble, seed), "limit": limit, "items": n,
+    result.settings = {**sample_settings(sample_cfg, schedule, ensemble, seed, mode), "limit": limit, "items": n,
                        "resolution": resolution_setting(resolution, dataset), "task": task.name, "task_settings": task.settings()}
     return result

@@ -100,6 +100,9 @@ def measure_run(run_dir: Path, label: str, out: Path, *, steps: list[int], spaci
     from genperc.inference import evaluate_run, load_run
 
     run = load_run(run_dir)
+    if run.mode == "discriminative":
+        raise UserError(f"{run_dir} is a discriminative run (model.mode): one forward, no sampler to measure",
+                        "measure runs trained with model.mode=generative (genperc eval scores this one)")
     common = dict(sampler=sampler, eta=0.0, ensemble=1, seed=seed)
     evaluate_run(run, split, steps=steps[0], spacing=spacings[0], limit=1, **common)  # warm-up, untimed
     metrics = headline_metrics(run.task.name, run.task.main_metric)

@@ -40,8 +40,9 @@ class ImageSpace(Protocol):
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
-    def decode(self, z: Tensor, clamp: bool | None = None) -> Tensor:
-        """Denoiser space -> images; ``clamp`` to [-1, 1] (None: the space's own default)."""
+    def decode(self, z: Tensor, clamp: bool | None = None, *, grad: bool = False) -> Tensor:
+        """Denoiser space -> images; ``clamp`` to [-1, 1] (None: the space's own default); ``grad``:
+        differentiable (the discriminative loss in pixel space)."""
         ...
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ImageSpace: ...
@@ -64,7 +65,7 @@ class PixelSpace:
             raise UserError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}", "pass a 4-D NCHW batch")
         return images
 
-    def decode(self, z: Tensor, clamp: bool | None = None) -> Tensor:
+    def decode(self, z: Tensor, clamp: bool | None = None, *, grad: bool = False) -> Tensor:
         return z.clamp(-1, 1) if clamp else z
 
     def to(self, device=None, dtype=None) -> PixelSpace:
@@ -148,15 +149,18 @@ class LatentSpace:
             z = posterior.sample(generator=generator)
         return ((z - self.shift_factor) * self.scaling_factor).to(device=images.device, dtype=images.dtype)
 
-    @torch.no_grad()
-    def decode(self, z: Tensor, clamp: bool | None = None) -> Tensor:
-        """Scaled latents -> images, clamped to [-1, 1] if ``clamp`` (None: ``self.clamp``)."""
+    def decode(self, z: Tensor, clamp: bool | None = None, *, grad: bool = False) -> Tensor:
+        """Scaled latents -> images, clamped to [-1, 1] if ``clamp`` (None: ``self.clamp``).
+
+        ``grad=True`` lets gradients flow through the frozen decoder to ``z`` (the discriminative
+        counterpart's loss in pixel space, Garcia et al. 2025); by default no graph is built."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise UserError(
                 f"latents must be [B, {self.latent_channels}, h, w], got {tuple(z.shape)}",
                 "decode what encode (or the denoiser) produced",
             )
-        x = self.vae.decode(z.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor).sample
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x = self.vae.decode(z.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor).sample
         x = x.to(device=z.device, dtype=z.dtype)
         return x.clamp(-1, 1) if (self.clamp if clamp is None else clamp) else x
 

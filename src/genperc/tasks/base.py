@@ -77,6 +77,22 @@ class Task:
         scale-and-shift ensemble, referring segmentation with a majority vote of the masks."""
         return self.decode(torch.stack(members).median(0).values, batch)
 
+    # -- the discriminative counterpart (``model.mode: discriminative``, ADDP Table 2) ---------
+
+    def discriminative_loss(self, output: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        """The task's own loss ``{name: scalar}`` of the one-step estimate ``output`` [B, C, H, W]
+        (x̂0 in the target image's space, unclamped, :mod:`genperc.models.discriminative`) against
+        the ground truth of ``batch``. The names are the same at every step (they are logged as
+        columns); the trainer sums them."""
+        raise UserError(f"the {self.name} task has no discriminative loss",
+                        "train it with model.mode=generative")
+
+    def decode_discriminative(self, output: Tensor, batch: dict | None = None) -> Any:
+        """The one-step estimate ``output`` → the same prediction :meth:`decode` returns, so that
+        :meth:`metrics` and :meth:`export` are unchanged."""
+        raise UserError(f"the {self.name} task has no discriminative decoding",
+                        "evaluate a run trained with model.mode=generative")
+
     def metrics(self, prediction: Any, batch: dict) -> dict[str, Tensor | list]:
         """Per-sample metric values: tensors of shape [B] (NaN where a value does not apply), or
         lists of length B for values that only the split-level summary can use (e.g. detections)."""

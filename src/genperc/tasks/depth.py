@@ -175,6 +175,26 @@ class DepthTask(Task):
         out = [ensemble_depth(decoded[:, b, 0], reg=self.ensemble_reg) * 2 - 1 for b in range(decoded.shape[1])]
         return torch.stack(out)[:, None]
 
+    # -- the discriminative counterpart ------------------------------------------------------
+
+    def discriminative_loss(self, output: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        """The scale-and-shift-invariant loss (:func:`genperc.tasks.losses.ssi_loss`: MiDaS's
+        least-squares alignment, then the mean absolute error, as Marigold-E2E-FT) of the channel
+        mean of x̂0 against the normalised ground truth, on the valid pixels (``loss_mask``)."""
+        from genperc.tasks.losses import ssi_loss
+
+        prediction = output.float().mean(1, keepdim=True)
+        target = batch.x0.to(prediction.device).float().mean(1, keepdim=True)
+        return {"ssi": ssi_loss(prediction, target, batch.loss_mask).mean()}
+
+    def decode_discriminative(self, output: Tensor, batch: dict | None = None) -> Tensor:
+        """The one-step estimate → affine-invariant depth [B, 1, H, W]: the channel mean, mapped per
+        image onto [−1, 1] by its minimum and maximum (an SSI-trained output has no fixed range; the
+        map is affine, so the least-squares-aligned metrics do not change, and export gets its range)."""
+        from genperc.tasks.losses import minmax_normalise
+
+        return minmax_normalise(output.float().mean(1, keepdim=True))
+
     def at_ground_truth_resolution(self, prediction: Tensor, batch: dict) -> tuple[Tensor, dict]:
         """Marigold's protocol: the affine-invariant prediction upsampled bilinearly to the ground
         truth's own resolution (``gt_depth`` / ``gt_valid`` of a dataset built with

@@ -336,6 +336,68 @@ class GeneralistTask(Task):
                 out[i]["depth"] = (ensemble_depth(stack) * 2 - 1)[None]
         return out
 
+    # -- the discriminative counterpart ------------------------------------------------------
+
+    def discriminative_loss(self, output: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        """Each item by its prompt, every loss summed over its items and divided by the batch size
+        (so the total is the mean over items of each item's loss; absent kinds give 0):
+
+        * ``ssi`` — depth prompts: the depth task's scale-and-shift-invariant loss on the channel
+          mean, valid pixels only;
+        * ``bce`` + ``dice`` — segment prompts: the referring task's loss on the channel-mean logits
+          against the class mask (read back from the white-on-black target, exact as it is ±1);
+        * ``box_mse`` — detect prompts: the mean squared error of x̂0 to the box-outline target
+          image, which is then decoded exactly as the generative path decodes its sample (clamped
+          to [−1, 1], box-colour contours). The outlines are a picture, not a dense label; the
+          image-space regression keeps the generative decoder and its confidences.
+        """
+        from genperc.tasks.losses import bce_loss, dice_loss, ssi_loss
+
+        out = output.float()
+        x0 = batch.x0.to(out.device).float()
+        subtasks = batch.extras["subtask"]
+        b = out.shape[0]
+        zero = out.sum() * 0.0
+        losses = {"ssi": zero, "bce": zero, "dice": zero, "box_mse": zero}
+        mask = batch.loss_mask.to(out.device) if batch.loss_mask is not None else None
+        for kind in ("depth", "segment", "detect"):
+            idx = [i for i, sub in enumerate(subtasks) if sub == kind]
+            if not idx:
+                continue
+            sel = torch.tensor(idx, device=out.device)
+            o, t = out[sel], x0[sel]
+            if kind == "depth":
+                m = mask[sel] if mask is not None else None
+                losses["ssi"] = ssi_loss(o.mean(1, keepdim=True), t.mean(1, keepdim=True), m).sum() / b
+            elif kind == "segment":
+                logits, target = o.mean(1, keepdim=True), (t.mean(1, keepdim=True) > 0).float()
+                losses["bce"] = bce_loss(logits, target).sum() / b
+                losses["dice"] = dice_loss(torch.sigmoid(logits), target).sum() / b
+            else:
+                losses["box_mse"] = (o - t).pow(2).flatten(1).mean(1).sum() / b
+        return losses
+
+    def decode_discriminative(self, output: Tensor, batch: dict) -> list[dict]:
+        """Per prompt, as :meth:`decode` returns: depth = the channel mean mapped onto [−1, 1] per
+        item (affine, metrics unchanged); segment = sigmoid of the channel-mean logits as the
+        response, mask where it exceeds ``segment_threshold``; detect = :meth:`decode` of x̂0 clamped
+        to [−1, 1] (the generative decoder)."""
+        from genperc.tasks.losses import minmax_normalise
+
+        labels = batch.get("class_name") or [""] * len(batch["subtask"])
+        out = []
+        for i, sub in enumerate(batch["subtask"]):
+            o = output[i].float()
+            if sub == "depth":
+                item = {"subtask": "depth", "depth": minmax_normalise(o.mean(0, keepdim=True)[None])[0]}
+            elif sub == "segment":
+                response = torch.sigmoid(o.mean(0))
+                item = {"subtask": "segment", "response": response, "mask": (response > self.segment_threshold)[None]}
+            else:
+                item = self._decode_one(o.clamp(-1, 1), "detect")
+            out.append({**item, "label": labels[i]})
+        return out
+
     # -- metrics ----------------------------------------------------------------------------
 
     def metrics(self, prediction: list[dict], batch: dict) -> dict[str, Tensor | list]:

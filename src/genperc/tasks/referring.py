@@ -106,6 +106,34 @@ class ReferringTask(Task):
         votes = torch.stack([self.decode(m, batch) for m in members]).float().mean(0)
         return votes >= 0.5
 
+    # -- the discriminative counterpart ------------------------------------------------------
+
+    @staticmethod
+    def discriminative_logits(output: Tensor) -> Tensor:
+        """The mask logits [B, 1, H, W] of a one-step estimate: the channel mean of x̂0. The mean
+        rather than one channel, so that every output channel is trained (channel 0 alone would
+        leave two thirds of the output layer without gradient) and the same rule as the channel
+        mean that depth and the generalist's masks decode; mask = logit > 0."""
+        return output.float().mean(1, keepdim=True)
+
+    def discriminative_loss(self, output: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        """BCE + soft Dice (:mod:`genperc.tasks.losses`) of the mask logits against the referred
+        object's mask, each averaged over pixels, then over the batch."""
+        from genperc.tasks.losses import bce_loss, dice_loss
+
+        logits = self.discriminative_logits(output)
+        target = batch.extras["mask"].to(logits.device).float().reshape(logits.shape)
+        return {"bce": bce_loss(logits, target).mean(), "dice": dice_loss(torch.sigmoid(logits), target).mean()}
+
+    def decode_discriminative(self, output: Tensor, batch: dict | None = None) -> Tensor:
+        """The one-step estimate → bool mask [B, 1, H, W]: logit > 0 (probability > 0.5), the logits
+        resized bilinearly to ``eval_resolution`` first when it is set (as :meth:`decode` resizes)."""
+        logits = self.discriminative_logits(output)
+        if self.eval_resolution is not None and logits.shape[-1] != self.eval_resolution:
+            logits = F.interpolate(logits, size=(self.eval_resolution, self.eval_resolution), mode="bilinear",
+                                   align_corners=False)
+        return logits > 0
+
     def metrics(self, prediction: Tensor, batch: dict) -> dict[str, Tensor | list]:
         gt = batch["mask"].to(prediction.device).bool()
         if gt.shape[-2:] != prediction.shape[-2:]:

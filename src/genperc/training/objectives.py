@@ -63,6 +63,9 @@ class StepContext:
     cond: Conditioning
     model: torch.nn.Module
     batch: object = None  # the TaskBatch (labels, extras, loss_mask) for objectives that need ground truth
+    clean_cond: Conditioning | None = None  # the conditions before conditioning dropout
+    space: object = None  # the image space (pixels or VAE latents) x0 and the model live in
+    autocast: object = None  # callable → the trainer's mixed-precision context, for an objective's own forward
 
 
 class DenoisingLoss(NamedTuple):
@@ -143,6 +146,41 @@ class DiffusionObjective:
 
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
         return {self.name: denoising_loss(ctx).loss}
+
+
+class DiscriminativeObjective:
+    """ADDP Table 2's discriminative counterpart (``model.mode: discriminative``): the task's own
+    loss (``task.discriminative_loss``: referring BCE + Dice, depth the SSI loss, the generalist per
+    prompt) of one deterministic forward — the denoiser at t = T−1 on x_T = 0 with the batch's
+    conditions (Garcia et al., WACV 2025; :func:`genperc.models.discriminative.discriminative_forward`).
+
+    It runs its own forward under the trainer's mixed precision (``ctx.autocast``) on the conditions
+    *before* dropout (``ctx.clean_cond``), so it neither uses the noised forward (``uses_output``
+    False) nor the trainer's noising (``uses_noise`` False): without another objective that does, the
+    trainer draws no timestep, noise or dropout at all."""
+
+    group = "discriminative"
+    uses_output = False
+    uses_noise = False
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, ctx: StepContext) -> dict[str, Tensor]:
+        from genperc.models.discriminative import discriminative_forward
+
+        cond = ctx.clean_cond if ctx.clean_cond is not None else ctx.cond
+        output = discriminative_forward(ctx.model, cond, ctx.schedule, ctx.space, ctx.batch.x0.shape,
+                                        device=ctx.batch.x0.device, autocast=ctx.autocast)
+        return self.task.discriminative_loss(output, ctx.batch)
+
+
+def default_objectives(cfg, task) -> list:
+    """The objectives of a run when none are given: the denoising loss, or for
+    ``model.mode: discriminative`` the task's own loss of the one-step forward."""
+    if cfg.model.mode == "discriminative":
+        return [DiscriminativeObjective(task)]
+    return [DiffusionObjective()]
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ One step, for each of ``grad_accum`` micro-batches::
     x0' = task.augment(x0, t)                                task codec (ADDP §3.2)
     x_t = add_noise(x0', ε, t); out = model(x_t, t, cond)
     groups = {obj.group: obj(ctx)}                           objectives.DiffusionObjective, …
+    (model.mode discriminative: no t / noise / dropout; the objective's own forward at t = T−1 on 0)
     combiner.backward(groups)                                combiners.SumCombiner, …
 
 then clip, optimizer and LR-schedule step, EMA update, and each hook's ``after_step(trainer)``.
@@ -19,7 +20,13 @@ Strategy contracts (duck-typed):
   (default ``"generation"``: the losses of the diffusion output) and an optional ``uses_output``
   (default True). The trainer collects ``{group: {name: loss}}``; names are unique across groups
   (they are logged flat, e.g. ``metrics.csv`` columns). When no objective ``uses_output`` (GenRep's
-  perception stage), the denoiser forward is skipped and ``ctx.output`` is None.
+  perception stage), the denoiser forward is skipped and ``ctx.output`` is None. When no objective
+  ``uses_noise`` (default True; the discriminative counterpart, ``model.mode: discriminative``,
+  runs its own deterministic forward), the trainer draws no timestep, noise or conditioning
+  dropout and does no augmentation: ``ctx.x0/x_t/noise/t/weights/output`` are None and
+  ``ctx.cond`` is ``ctx.clean_cond``. An objective with its own forward runs it under
+  ``ctx.autocast()`` (the trainer's mixed precision) and reads the conditions before dropout from
+  ``ctx.clean_cond``. Default objectives: :func:`objectives.default_objectives` (by ``model.mode``).
 * a **combiner** has ``backward(groups, accelerator, scale)``. A combiner that averages gradients
   over processes itself sets ``reduces_gradients = True``: the trainer then runs every micro-batch
   under ``accelerator.no_sync`` so that DDP does not reduce them a second time.
@@ -59,7 +66,7 @@ from genperc.errors import UserError
 from genperc.models.conditioning import make_conditioning, null_conditioning
 from genperc.training.combiners import SumCombiner
 from genperc.training.dropout import conditioning_dropout
-from genperc.training.objectives import DiffusionObjective, StepContext
+from genperc.training.objectives import StepContext, default_objectives
 
 
 class TrainingDiverged(UserError):
@@ -125,7 +132,7 @@ class Trainer:
         if self.speed.classic_attention:
             runtime.use_classic_attention(model)
         self.timesteps = build_timestep_sampler(tc, self.schedule)
-        self.objectives = objectives or [DiffusionObjective()]
+        self.objectives = objectives or default_objectives(cfg, self.task)
         self.combiner = combiner or SumCombiner()
         self.hooks = list(hooks or [])
 
@@ -181,22 +188,26 @@ class Trainer:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         task_batch = self.task.prepare(batch)
         b = task_batch.x0.shape[0]
-        t, weights = self.timesteps.sample(b, self.generator, device)
         with torch.no_grad():
-            x0_pixels = task_batch.x0.to(device)
-            augmented = self.task.augment(task_batch, t, self.generator)
-            x0 = self.space.encode(x0_pixels)
-            x0_aug = x0 if augmented is task_batch.x0 else self.space.encode(augmented.to(device))
-            cond = make_conditioning(task_batch, self.text_encoder, self.space, device)
-        cond = conditioning_dropout(cond, self.null_conditioning(), self.cfg.train.cond_dropout, self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.generator.device).to(device)
-        x_t = self.schedule.add_noise(x0_aug, noise, t)
-        out = None
-        if any(getattr(objective, "uses_output", True) for objective in self.objectives):
-            with self.accelerator.autocast():
-                out = self.model(x_t, t, cond)
+            clean_cond = make_conditioning(task_batch, self.text_encoder, self.space, device)
+        cond, x0, x_t, noise, t, weights, out = clean_cond, None, None, None, None, None, None
+        if any(getattr(objective, "uses_noise", True) for objective in self.objectives):
+            t, weights = self.timesteps.sample(b, self.generator, device)
+            with torch.no_grad():
+                x0_pixels = task_batch.x0.to(device)
+                augmented = self.task.augment(task_batch, t, self.generator)
+                x0 = self.space.encode(x0_pixels)
+                x0_aug = x0 if augmented is task_batch.x0 else self.space.encode(augmented.to(device))
+            cond = conditioning_dropout(clean_cond, self.null_conditioning(), self.cfg.train.cond_dropout,
+                                        self.generator)
+            noise = torch.randn(x0.shape, generator=self.generator, device=self.generator.device).to(device)
+            x_t = self.schedule.add_noise(x0_aug, noise, t)
+            if any(getattr(objective, "uses_output", True) for objective in self.objectives):
+                with self.accelerator.autocast():
+                    out = self.model(x_t, t, cond)
         ctx = StepContext(output=out, x0=x0, x_t=x_t, noise=noise, t=t, weights=weights,
-                          schedule=self.schedule, cond=cond, model=self.model, batch=task_batch)
+                          schedule=self.schedule, cond=cond, model=self.model, batch=task_batch,
+                          clean_cond=clean_cond, space=self.space, autocast=self.accelerator.autocast)
         groups: dict[str, dict[str, torch.Tensor]] = {}
         owner: dict[str, str] = {}
         for objective in self.objectives:
