@@ -56,8 +56,10 @@ def test_the_trainer_resolves_auto_precision(tmp_path, monkeypatch):
     from genperc.config import load_config
     from genperc.training.trainer import Trainer
 
+    first = Trainer(load_config("cpu-tiny", ["model.text_encoder=none", "train.mixed_precision=bf16"]), tmp_path / "a")
+    assert first.precision == "bf16"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: set())
     cfg = load_config("cpu-tiny", ["model.text_encoder=none", "train.progress=false"])
     assert cfg.train.mixed_precision == "auto"
-    trainer = Trainer(cfg, tmp_path)
+    trainer = Trainer(cfg, tmp_path / "b")  # a second precision in the same process is allowed
     assert trainer.precision == "no" and not trainer.speed.classic_attention

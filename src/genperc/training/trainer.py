@@ -389,7 +389,15 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     :func:`genperc.runtime.resolve_precision`); gloo DDP when several CPU processes run."""
     cpu = _multi_cpu()
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
-    return Accelerator(mixed_precision=runtime.resolve_precision(cfg.train.mixed_precision, device), cpu=cpu)
+    precision = runtime.resolve_precision(cfg.train.mixed_precision, device)
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process training runs of different precisions one after another (experiments, tests):
+        # Accelerate's process-wide state refuses a second precision; a single process may reset it.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def _multi_cpu() -> bool:
