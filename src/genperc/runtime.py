@@ -81,10 +81,11 @@ class SpeedOptions:
 
 
 def speed_options(device: str | torch.device = "cpu", precision: str = "auto") -> SpeedOptions:
-    """Measured on the 2-core AVX-512-BF16 Xeon (``make bench``, unet-tiny 32 px / unet-small 64 px
-    step time over fp32 SDPA): bf16 0.83 / 0.50; bf16 + classic attention 0.62 / 0.43; classic
-    attention in fp32 1.32 / 0.95 (so only under bf16); channels_last 1.10 / 1.15 on top (not
-    used); fused AdamW 0.96 / 1.00 on top (kept: never slower)."""
+    """What ``benchmarks/bench_train.py`` measured on the 2-core AMD EPYC (AVX-512 BF16), as step-time
+    ratios over fp32 + SDPA for unet-tiny 32 px / unet-small 64 px (README, Benchmarks): bf16
+    0.87 / 0.59; bf16 + classic attention 0.60 / 0.54; classic attention in fp32 1.15 / 1.00 (so only
+    under bf16); channels_last 0.63 / 0.63 on top of bf16 + classic (not used); fused AdamW
+    0.57 / 0.55 (kept)."""
     bf16 = resolve_precision(precision, device) == "bf16"
     cpu = torch.device(device).type == "cpu"
     return SpeedOptions(bf16=bf16, classic_attention=cpu and bf16, fused_adamw=True)
