@@ -299,7 +299,7 @@ def test_sampling_experiment_writes_a_row_per_spacing_and_steps(runs, tmp_path, 
         assert cell["settings"]["spacing"] == r["spacing"] and float(r["AbsRel"]) == pytest.approx(
             cell["summary"]["AbsRel"])
     tables = (out / "tables.md").read_text()
-    assert tables.count("\n| steps |") == 1 and "| trailing AbsRel ↓ | trailing δ1 ↑ | trailing s/image | leading AbsRel ↓" in tables and "leading s/image" in tables
+    assert tables.count("\n| steps |") == 1 and "| trailing AbsRel ↓ | trailing δ1 ↑ | trailing objects/AbsRel ↓ | trailing objects/δ1 ↑ | trailing s/image | leading AbsRel ↓" in tables and "leading s/image" in tables
     assert "\n| 1 |" in tables and "\n| 2 |" in tables and str(runs["depth"]) in tables
     assert "2 training steps" in tables and "Machine: " in tables
     assert "| steps |" in capsys.readouterr().out

@@ -130,10 +130,9 @@ def eval_(
 
 def _echo_baselines(task, evaluation, settings) -> None:
     """The model's and the baselines' main and headline metrics, one row per predictor."""
-    from genperc.evaluation.baselines import headline_metrics
 
     rows = {"model": evaluation.summary, **evaluation.baselines}
-    cols = [m for m in headline_metrics(task) if any(m in s for s in rows.values())]
+    cols = [m for m in task.headline_metrics() if any(m in s for s in rows.values())]
     width = max(len(name) for name in rows) + 2
     fit = settings["baselines"]
     typer.echo(f"baselines on the same {settings['items']} items (fitted on up to {fit['fit_items']} items of "

@@ -54,17 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 #: The metrics printed per task beside the main metric (those present in the summary).
-HEADLINE = {"depth": ("AbsRel", "delta1", "objects/AbsRel", "objects/delta1"),
-            "referring": ("oIoU", "mIoU", "Prec@0.5"),
-            "generalist": ("segment/mIoU", "depth/AbsRel", "depth/delta1", "depth/objects/AbsRel",
-                           "depth/objects/delta1", "detect/mAP@0.5"),
-            "classification": ("top1", "nll")}
 DEFAULT_FIT_ITEMS = 500
-
-
-def headline_metrics(task) -> list[str]:
-    """The task's main metric, then its other headline metrics."""
-    return list(dict.fromkeys([task.main_metric, *HEADLINE.get(task.name, ())]))
 
 
 @dataclass

@@ -30,10 +30,6 @@ from pathlib import Path
 from genperc.errors import UserError
 from genperc.experiments.common import machine_line
 
-#: The metrics reported per task (the task's ``main_metric`` first); other tasks: the main metric.
-HEADLINE = {"depth": ("AbsRel", "delta1"), "referring": ("oIoU", "mIoU"),
-            "generalist": ("segment/mIoU", "depth/AbsRel", "depth/delta1", "detect/mAP@0.5"),
-            "classification": ("top1",)}
 DEFAULT_STEPS = "1,4,10,50"
 DEFAULT_SPACINGS = "trailing,leading"
 
@@ -69,9 +65,11 @@ def check_sampler(sampler: str) -> str:
     return sampler
 
 
-def headline_metrics(task: str, main_metric: str) -> list[str]:
-    """The metric columns of a task: its main metric, then the others of :data:`HEADLINE`."""
-    return list(dict.fromkeys([main_metric, *HEADLINE.get(task, ())]))
+def headline_metrics(task: str) -> list[str]:
+    """The metric columns of a task (its codec's :meth:`~genperc.tasks.base.Task.headline_metrics`)."""
+    from genperc.tasks import TASKS
+
+    return TASKS[task].headline_metrics() if task in TASKS else []
 
 
 def training_steps(checkpoint: Path) -> int:
@@ -105,7 +103,7 @@ def measure_run(run_dir: Path, label: str, out: Path, *, steps: list[int], spaci
                         "measure runs trained with model.mode=generative (genperc eval scores this one)")
     common = dict(sampler=sampler, eta=0.0, ensemble=1, seed=seed)
     evaluate_run(run, split, steps=steps[0], spacing=spacings[0], limit=1, **common)  # warm-up, untimed
-    metrics = headline_metrics(run.task.name, run.task.main_metric)
+    metrics = run.task.headline_metrics()
     rows = []
     for spacing in spacings:
         for n in steps:
@@ -154,7 +152,7 @@ def _cell(value: float, digits: str) -> str:
 def render_table(rows: list[dict], machine: str) -> str:
     """One run's markdown table: rows steps, columns per spacing its headline metrics and s/image."""
     first = rows[0]
-    metrics = headline_metrics(first["task"], first["main_metric"])
+    metrics = [m for m in headline_metrics(first["task"]) if any(m in r for r in rows)] or [first["main_metric"]]
     spacings = list(dict.fromkeys(r["spacing"] for r in rows))
     steps = list(dict.fromkeys(r["steps"] for r in rows))
     by = {(r["spacing"], r["steps"]): r for r in rows}

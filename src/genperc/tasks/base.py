@@ -41,6 +41,12 @@ class Task:
     uses_text: ClassVar[bool] = True
     needs_prompt: ClassVar[bool] = True  # prediction needs a user prompt (referring expression, instruction)
     main_metric: ClassVar[str] = ""
+    headline: ClassVar[tuple[str, ...]] = ()  # the other metrics every table shows beside main_metric
+
+    @classmethod
+    def headline_metrics(cls) -> list[str]:
+        """The main metric, then the other headline metrics (the columns of eval and experiment tables)."""
+        return list(dict.fromkeys([cls.main_metric, *cls.headline]))
     # decode() receives the generated image unclamped and clamps after its own reduction (Marigold:
     # channel mean, then clip); otherwise the image is clamped to [-1, 1] per channel first
     clamps_own_decode: ClassVar[bool] = False

@@ -87,6 +87,7 @@ class ClassificationTask(Task):
     uses_text: ClassVar[bool] = False
     needs_prompt: ClassVar[bool] = False
     main_metric: ClassVar[str] = "top1"
+    headline: ClassVar[tuple[str, ...]] = ("nll",)
 
     def __init__(self, classes: list | None = None, dense: bool = False, genrep: dict | None = None):
         self.classes_option = None if classes is None else list(classes)

@@ -118,6 +118,7 @@ def ensemble_depth(members: Tensor, reg: float = 0.02, max_iter: int = 50, tol: 
 class DepthTask(Task):
     name: ClassVar[str] = "depth"
     main_metric: ClassVar[str] = "AbsRel"
+    headline: ClassVar[tuple[str, ...]] = ("delta1", "objects/AbsRel", "objects/delta1")
     needs_prompt: ClassVar[bool] = False
     clamps_own_decode: ClassVar[bool] = True
     widen_mode: ClassVar[str] = "tile"  # Marigold: a pretrained conv_in tiled over image + depth, ×0.5

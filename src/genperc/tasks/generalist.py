@@ -225,6 +225,7 @@ def outline_mask(h: int, w: int, box, width: int) -> np.ndarray:
 class GeneralistTask(Task):
     name: ClassVar[str] = "generalist"
     main_metric: ClassVar[str] = "segment/mIoU"
+    headline: ClassVar[tuple[str, ...]] = ("depth/AbsRel", "depth/delta1", "depth/objects/AbsRel", "depth/objects/delta1", "detect/mAP@0.5")
 
     def __init__(self, subtasks=SUBTASKS, classes=None, absent_classes: bool = True, phrasing="vary",
                  box_width: int | None = None, box_threshold: float = 80.0, min_box: int = 2,

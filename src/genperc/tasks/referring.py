@@ -47,6 +47,7 @@ def overlay_colour(image: Tensor, mask: Tensor, colour=RED, alpha: float = 1.0) 
 class ReferringTask(Task):
     name: ClassVar[str] = "referring"
     main_metric: ClassVar[str] = "oIoU"
+    headline: ClassVar[tuple[str, ...]] = ("mIoU", "Prec@0.5")
 
     def __init__(self, threshold: float = 50.0, alpha: float = 1.0, strict: bool = False,
                  eval_resolution: int | None = None):
