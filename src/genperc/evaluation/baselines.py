@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: The metrics printed per task beside the main metric (those present in the summary).
 DEFAULT_FIT_ITEMS = 500
 
 
@@ -228,30 +227,21 @@ def generalist_baselines(task, train_source, resolution, fit_items: int = DEFAUL
     from genperc.data.datasets import DepthDataset, DetectionDataset, SceneDataset
 
     subtasks = set(task.subtasks)
-    base = SceneDataset(train_source, resolution)
-    depth_ds, det_ds = DepthDataset(train_source, resolution, object_mask=False), DetectionDataset(train_source, resolution)
-    total = count = None
-    per_class: dict[int, list[Tensor]] = {}
-    for r in spread_indices(len(train_source), fit_items):
-        record, plan = base._load(r)
-        if "depth" in subtasks and record.depth is not None:
-            t = depth_ds._targets(r, record, plan)
-            d, v = t["depth"].double(), t["valid"].bool()
-            if total is None:
-                total, count = torch.zeros_like(d), torch.zeros_like(d)
-            total += torch.where(v, d, torch.zeros_like(d))
-            count += v.double()
-        if "detect" in subtasks:
-            det = det_ds._targets(r, record, plan) if record.objects else {"boxes": torch.zeros(0, 4),
-                                                                           "labels": torch.zeros(0, dtype=torch.int64)}
-            for c in sorted({int(x) for x in det["labels"].tolist()}):  # scenes without c hit nothing
-                per_class.setdefault(c, []).append(det["boxes"][det["labels"] == c])
     out: list[Baseline] = []
     if "depth" in subtasks:
-        mean_map = None
-        if total is not None and count.sum() > 0:
-            mean_map = torch.where(count > 0, total / count.clamp_min(1), total.sum() / count.sum()).float()
-        out += depth_baselines(mean_map, generalist=True)
+        has_depth = len(train_source) > 0 and train_source[0].depth is not None
+        mean_map = mean_depth_map(DepthDataset(train_source, resolution, object_mask=False), fit_items) if has_depth else None
+        out += depth_baselines(mean_map, generalist=True)  # without depth: the ramp alone
+    per_class: dict[int, list[Tensor]] = {}
+    if "detect" in subtasks:
+        base, det_ds = SceneDataset(train_source, resolution), DetectionDataset(train_source, resolution)
+        for r in spread_indices(len(train_source), fit_items):
+            record, plan = base._load(r)
+            if not record.objects:
+                continue  # a scene without boxes hits nothing
+            det = det_ds._targets(r, record, plan)
+            for c in sorted({int(x) for x in det["labels"].tolist()}):
+                per_class.setdefault(c, []).append(det["boxes"][det["labels"] == c])
     if "segment" in subtasks:
         def background(batch, dataset):
             h, w = batch["image"].shape[-2:]
