@@ -220,6 +220,8 @@ def _coerce(value, ftype, key: str):
             pass
     if ftype is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    if ftype is str and isinstance(value, bool):  # YAML 1.1 reads no / off / false (yes / on / true) as a bool
+        return "no" if value is False else "yes"  # e.g. train.mixed_precision=no
     if ftype is str and isinstance(value, list):  # e.g. train.contributions=[1, 3, 7] → "[1, 3, 7]"
         return json.dumps(value)
     check = origin or ftype

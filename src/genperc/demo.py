@@ -31,24 +31,12 @@ from PIL import Image
 from genperc.config import load_config
 from genperc.evaluation.baselines import head_noun_mask, trivial_baselines  # noqa: F401 (the demo's table; re-exported)
 
-# The demo world: CLEVR-style scenes with 3–5 objects and the camera a little closer than the
-# world's default, so that objects cover more of the 32×32 image (median ≈ 20 pixels). CLEVR's red
-# is left out, as in the toy source: the target paints the referred object pure red, and a model
-# trained for minutes confuses red objects with its own target (seen here).
-DEMO_WORLD = dict(resolution=32, spp=8, min_objects=3, max_objects=5, camera_distance=(6.5, 8.0),
-                  colors=("gray", "blue", "green", "brown", "purple", "cyan", "yellow"))
+# The demo world: ``WorldConfig.preset(DEMO_WORLD)`` (see genperc.data.world.WORLD_PRESETS).
+DEMO_WORLD = "demo"
 
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def render_world(root: Path, train_scenes: int, val_scenes: int, workers: int = 2, seed: int = 0) -> None:
-    from genperc.data.world import WorldConfig, render_split
-
-    config = WorldConfig(**DEMO_WORLD)
-    for split, n in (("train", train_scenes), ("val", val_scenes)):
-        render_split(root, config, split=split, scenes=n, seed=seed, workers=workers, progress=False)
 
 
 def pick_examples(dataset, k: int) -> list[int]:
@@ -105,6 +93,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, minutes: float | None = None, p
              train_scenes: int = 2000, val_scenes: int = 12, eval_limit: int | None = 240, examples: int = 9,
              workers: int = 2, seed: int = 0) -> dict:
     from genperc.data.sources import open_scene_source
+    from genperc.data.world import WorldConfig, render_world
     from genperc.images import overlay_mask, resize_mask, save_rgb, upscale
     from genperc.inference import evaluate_run, load_run, machine_info, predict_files
     from genperc.training.trainer import Trainer
@@ -121,10 +110,11 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, minutes: float | None = None, p
         world = out / "world"
         _log(f"rendering the shapes world at 32x32: {train_scenes} train + {val_scenes} val scenes into {world}")
         t0 = time.perf_counter()
-        render_world(world, train_scenes, val_scenes, workers=workers, seed=seed)
+        render_world(world, WorldConfig.preset(DEMO_WORLD), {"train": train_scenes, "val": val_scenes}, seed=seed,
+                     workers=workers)
         timings["render_s"] = time.perf_counter() - t0
         cfg = load_config(base=cfg.to_dict(), overrides=[f"data.path={world.resolve()}"])
-        world_info = DEMO_WORLD | {"train_scenes": train_scenes, "val_scenes": val_scenes, "seed": seed}
+        world_info = {"preset": DEMO_WORLD, **WorldConfig.preset(DEMO_WORLD).to_dict(), "train_scenes": train_scenes, "val_scenes": val_scenes, "seed": seed}
         _log(f"rendered in {timings['render_s']:.0f} s")
 
     # 2. training (a fresh run every time: an old run's checkpoints would be taken for this one's)

@@ -26,10 +26,14 @@ FIXTURES = {
 
 
 def _config(resolution, spp, min_objects, max_objects, single_object, min_pixels, label_scheme,
-            shapes, variant, max_depth):
+            shapes, variant, max_depth, world=None):
     from genperc.data.world.scene import WorldConfig
 
-    overrides = {"resolution": resolution, "spp": spp, "variant": variant, "max_depth": max_depth}
+    overrides = {"variant": variant, "max_depth": max_depth}
+    if resolution is not None:
+        overrides["resolution"] = resolution
+    if spp is not None:
+        overrides["spp"] = spp
     if min_objects is not None:
         overrides["min_objects"] = min_objects
     if max_objects is not None:
@@ -40,6 +44,10 @@ def _config(resolution, spp, min_objects, max_objects, single_object, min_pixels
         overrides["label_scheme"] = label_scheme
     if shapes is not None:
         overrides["shapes"] = tuple(s.strip() for s in shapes.split(",") if s.strip())
+    if world is not None:
+        if single_object:
+            raise UserError("--world and --single-object are two designs", "pass one of them")
+        return WorldConfig.preset(world, **overrides)
     return WorldConfig.single_object(**overrides) if single_object else WorldConfig(**overrides)
 
 
@@ -47,11 +55,13 @@ def _config(resolution, spp, min_objects, max_objects, single_object, min_pixels
 def render(
     out: Path = typer.Option(..., "--out", help="Output folder; the split goes to OUT/SPLIT/."),
     scenes: int = typer.Option(100, help="Number of scenes."),
-    resolution: int = typer.Option(64, help="Image width and height in pixels."),
+    world: str = typer.Option(None, help="A named world design: clevr | demo | compact (genperc.data.world."
+                                         "WORLD_PRESETS); the options below override it."),
+    resolution: int = typer.Option(None, help="Image width and height in pixels (default 64, or the --world's)."),
     seed: int = typer.Option(0, help="Seed: same seed and options give byte-identical files."),
     split: str = typer.Option("train", help="train, val or test (each has its own random stream)."),
     workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes (files do not depend on it)."),
-    spp: int = typer.Option(16, help="Path-tracing samples per pixel."),
+    spp: int = typer.Option(None, help="Path-tracing samples per pixel (default 16, or the --world's)."),
     min_objects: int = typer.Option(None, help="Fewest objects per scene (default 3; 1 with --single-object)."),
     max_objects: int = typer.Option(None, help="Most objects per scene (default 8; 1 with --single-object)."),
     single_object: bool = typer.Option(False, "--single-object", help="One centred object per scene, labelled by class."),
@@ -66,7 +76,7 @@ def render(
     from genperc.data.world.render_job import render_split
 
     config = _config(resolution, spp, min_objects, max_objects, single_object, min_pixels,
-                     label_scheme, shapes, variant, max_depth)
+                     label_scheme, shapes, variant, max_depth, world)
     manifest = render_split(out, config, split=split, scenes=scenes, seed=seed, workers=workers,
                             progress=progress)
     typer.echo(f"{scenes} scenes in {Path(out) / split} (variant {manifest['variant']}, "

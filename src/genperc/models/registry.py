@@ -50,7 +50,9 @@ register_architecture(
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
     attention_levels=(False, True, True),
-    attention_head_dim=8,
+    # 32 channels per head (2 heads at 64 channels): the same parameters and FLOPs as 8-channel
+    # heads, 1.30x faster on a 2-core CPU in bf16 (issue 11's profile: attention was memory-bound)
+    attention_head_dim=32,
     norm_num_groups=8,
 )
 register_architecture(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from genperc.errors import UserError
 from genperc.tasks.base import Task, TaskBatch
+from genperc.tasks.caption import CaptionTask
 from genperc.tasks.classification import ClassificationTask
 from genperc.tasks.depth import DepthTask
 from genperc.tasks.generalist import GeneralistTask
 from genperc.tasks.referring import ReferringTask
 
 TASKS: dict[str, type[Task]] = {
+    CaptionTask.name: CaptionTask,
     ClassificationTask.name: ClassificationTask,
     DepthTask.name: DepthTask,
     ReferringTask.name: ReferringTask,
@@ -26,4 +28,4 @@ def create_task(name: str, **kwargs) -> Task:
         raise UserError(f"bad task_options for task '{name}': {e}", "see the task's docstring for its options") from e
 
 
-__all__ = ["TASKS", "DepthTask", "GeneralistTask", "ReferringTask", "Task", "TaskBatch", "create_task"]
+__all__ = ["TASKS", "CaptionTask", "DepthTask", "GeneralistTask", "ReferringTask", "Task", "TaskBatch", "create_task"]

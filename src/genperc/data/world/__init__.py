@@ -13,13 +13,13 @@ Mitsuba is imported lazily: reading a rendered split needs only numpy and Pillow
 """
 
 from genperc.data.world.format import WorldSource
-from genperc.data.world.scene import CATEGORIES, WorldConfig
+from genperc.data.world.scene import CATEGORIES, WORLD_PRESETS, WorldConfig
 
-__all__ = ["CATEGORIES", "WorldConfig", "WorldSource", "render_split", "render_scene"]
+__all__ = ["CATEGORIES", "WORLD_PRESETS", "WorldConfig", "WorldSource", "render_scene", "render_split", "render_world"]
 
 
 def __getattr__(name):
-    if name in ("render_split", "render_scene"):
+    if name in ("render_split", "render_scene", "render_world"):
         from genperc.data.world import render_job
 
         return getattr(render_job, name)

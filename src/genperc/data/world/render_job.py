@@ -264,3 +264,18 @@ def render_split(out, config: WorldConfig, *, split: str = "train", scenes: int,
     atomic_write(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     shutil.rmtree(split_dir / ".parts", ignore_errors=True)
     return manifest
+
+
+def render_world(root, config: WorldConfig, scenes: dict[str, int], *, seed: int = 0, workers: int = 1,
+                 log=None) -> Path:
+    """Render (or resume) several splits of one world, ``scenes = {split: count}``, into
+    ``root/<split>``; a split whose manifest says complete is not touched (no renderer start)."""
+    root = Path(root)
+    for split, n in scenes.items():
+        manifest = root / split / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+            continue
+        if log is not None:
+            log(f"rendering {n} {split} scenes at {config.resolution}px into {root}")
+        render_split(root, config, split=split, scenes=n, seed=seed, workers=workers, progress=False)
+    return root
