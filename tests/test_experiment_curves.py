@@ -89,11 +89,16 @@ def test_another_training_config_in_the_same_out_is_refused(curves):
         run_experiment("cpu-depth", TINY + ["train.lr=1e-3"], out=out, log=lambda _: None, **ARGS)
 
 
-def test_modes_steps_and_checkpoints_are_checked():
+def test_modes_and_steps_are_checked(tmp_path):
     assert parse_modes("discriminative, generative,generative") == ["discriminative", "generative"]
     assert eval_steps(10, 4) == [4, 8, 10] and eval_steps(4, 2) == [2, 4] and eval_steps(3, 5) == [3]
     with pytest.raises(UserError, match="generative, discriminative"):
         parse_modes("generative,diffusion")
+    for bad, message in ((dict(steps=0), "--steps 0"), (dict(every=0), "--every 0"), (dict(seeds=0), "--seeds 0"),
+                         (dict(limit=0), "--limit 0")):
+        with pytest.raises(UserError, match=message):
+            run_experiment("cpu-depth", TINY, out=tmp_path / "o", log=lambda _: None, **{**ARGS, **bad})
+    assert not (tmp_path / "o").exists()
 
 
 def test_find_checkpoint_names_the_steps_a_run_has(curves):

@@ -164,7 +164,8 @@ def evaluate_checkpoints(cfg: RunConfig, run_dir: Path, steps: list[int], *, spl
             results[step] = {**old, "reused": True}
             continue
         run = load_run(run_dir, checkpoint=step, text_encoder=text_encoder, overrides=overrides)
-        res = evaluate_run(run, split, limit=limit, seed=EVAL_SEED, out=run_dir / "eval" / f"{split}-{ckpt.name}")
+        res = evaluate_run(run, split, limit=limit, seed=EVAL_SEED, out=run_dir / "eval" / f"{split}-{ckpt.name}",
+                           progress=True)
         results[step] = done[str(step)] = {"summary": res.summary, "items": res.settings["items"],
                                            "checkpoint": str(ckpt), "weights": run.weights,
                                            "seconds": res.settings["seconds"], "stamp": _stamp(ckpt)}
@@ -324,7 +325,8 @@ def run_experiment(preset: str = "cpu-tiny", overrides: list[str] | None = None,
 
     mode_names, overrides = parse_modes(modes), list(overrides or [])
     base = load_config(preset, overrides)
-    steps, every = steps or base.train.steps, every or base.train.checkpoint_every
+    steps = base.train.steps if steps is None else steps
+    every = base.train.checkpoint_every if every is None else every
     check_arguments(seeds, steps, every, limit)
     open_scene_source(base.data, split)
     out = Path(out)
