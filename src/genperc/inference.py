@@ -49,19 +49,43 @@ class LoadedRun:
         return self.cfg.model.mode
 
 
+def find_checkpoint(run_dir: str | Path, checkpoint: int | str | Path | None = None) -> Path:
+    """A run's checkpoint directory: the newest (None), the one written after ``checkpoint``
+    optimizer steps (an int, or a string of digits), or a path (``step-00000250`` inside
+    ``RUN/checkpoints``, or any checkpoint directory). A :class:`UserError` lists the run's steps."""
+    run_dir = Path(run_dir)
+    latest = build.latest_checkpoint(run_dir)  # checks the run directory and that it has checkpoints
+    if checkpoint is None:
+        return latest
+    if isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.strip().isdigit()):
+        path = run_dir / "checkpoints" / f"step-{int(checkpoint):08d}"
+    else:
+        path = Path(checkpoint)
+        if not path.is_dir() and not path.is_absolute():
+            path = run_dir / "checkpoints" / path
+    if not (path / "model").is_dir():
+        steps = [p.name.rsplit("-", 1)[-1].lstrip("0") or "0" for p in sorted(latest.parent.glob("step-*"))]
+        raise UserError(f"no checkpoint {checkpoint} in {run_dir / 'checkpoints'}",
+                        f"use one of the steps {', '.join(steps)}, or leave it out for the newest")
+    return path
+
+
 def load_run(run_dir: str | Path, *, weights: str = "ema", device: str | torch.device | None = None,
-             text_encoder=None, overrides: list[str] | None = None) -> LoadedRun:
+             text_encoder=None, overrides: list[str] | None = None,
+             checkpoint: int | str | Path | None = None) -> LoadedRun:
     """Build a run's task, space, text encoder and denoiser from its directory.
 
     ``weights``: "ema" (default; falls back to "model" when the run kept no EMA) or "model".
     ``overrides``: dotted config keys applied on top of the saved config (``sample.steps=50``,
-    ``data.path=…``, ``task_options.threshold=40``); architecture keys are ignored by loading."""
+    ``data.path=…``, ``task_options.threshold=40``); architecture keys are ignored by loading.
+    ``checkpoint``: which of the run's checkpoints (default the newest): a training step or a
+    checkpoint directory (:func:`find_checkpoint`); the run's ``config.yaml`` describes it."""
     from genperc.models.denoiser import Denoiser
 
     if weights not in ("ema", "model"):
         raise UserError(f"weights={weights!r} is not valid", "use ema or model")
     run_dir = Path(run_dir)
-    ckpt = build.latest_checkpoint(run_dir)
+    ckpt = find_checkpoint(run_dir, checkpoint)
     cfg = load_run_config(run_dir)
     if overrides:
         cfg = load_config(base=cfg.to_dict(), overrides=list(overrides))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Reproduce the papers' tables on local data (ADDP, GenRep); few-step sampling.", no_args_is_help=True,
+app = typer.Typer(help="Reproduce the papers' tables on local data (ADDP, GenRep); few-step sampling; learning curves.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 OVERRIDES_HELP = ("Dotted config overrides, e.g. train.batch_size=64 "
@@ -88,6 +88,34 @@ def sampling_command(
                             limit=limit, seed=seed, log=typer.echo)
     typer.echo(tables)
     typer.echo(f"tables → {out / 'tables.md'}, rows → {out / 'sampling.csv'}")
+
+
+@app.command("curves")
+def curves_command(
+    preset: str = typer.Option("cpu-tiny", help="Config preset name or path to a YAML file (as `genperc train`)."),
+    modes: str = typer.Option("generative,discriminative", help="model.mode values to train, comma-separated: "
+                                                               "generative | discriminative (ADDP Table 2's counterpart)."),
+    seeds: int = typer.Option(3, help="Training seeds per mode (train.seed + 0, 1, …; mean ± std)."),
+    steps: int = typer.Option(None, help="Training steps per run (default: the preset's train.steps)."),
+    every: int = typer.Option(None, help="Score a checkpoint every K steps, and the last (default: the preset's "
+                                         "train.checkpoint_every)."),
+    split: str = typer.Option("val", help="Held-out split of the data the checkpoints are scored on."),
+    limit: int = typer.Option(None, help="Score only the first N items of the split (default: all)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/curves-<preset>)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also score the task's trivial "
+                                   "baselines on the same items (dashed lines, table rows)."),
+    baseline_fit_items: int = typer.Option(500, help="Training items the baselines are fitted on (at most)."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+):
+    """Learning curves (issue 12): the held-out metrics of every mode × seed against training steps,
+    with the baselines: OUT/curves.csv, curves.png, tables.md, results.json. Resumable."""
+    from genperc.experiments.curves import run_experiment
+
+    out = out or Path("runs") / f"curves-{Path(preset).stem}"
+    run_experiment(preset, list(overrides or []), modes=modes, seeds=seeds, steps=steps, every=every, split=split,
+                   limit=limit, out=out, baselines=baselines, baseline_fit_items=baseline_fit_items, log=typer.echo)
+    typer.echo(f"rows → {out / 'curves.csv'}, plot → {out / 'curves.png'}, tables → {out / 'tables.md'}, "
+               f"results → {out / 'results.json'}")
 
 
 @app.command("genrep-train")
