@@ -121,3 +121,24 @@ def test_pretrain_refuses_a_perception_preset(tmp_path):
 
     with pytest.raises(UserError, match="not caption"):
         pretrain(tmp_path, world_path=FIXTURE, preset="demo", overrides=TINY)
+
+
+def test_depth_fine_tunes_from_the_generator_marigold_style(generator):
+    """Marigold's widening: the generator's conv_in tiled over [image, x_t] and halved; a depth run
+    without a text encoder is told to add one (the generator's cross-attention needs text)."""
+    from genperc import build
+    from genperc.config import load_config
+
+    out, _ = generator
+    exported = load_file(str(out / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+    keys = [f"data.path={FIXTURE.resolve()}", "data.source=world", f"model.pretrained={out / 'generator'}", *TINY]
+    cfg = load_config("cpu-depth", [*keys, "model.text_encoder=minilm"])
+    task = build.build_task(cfg)
+    model = build.build_model(cfg, task, build.build_space(cfg), build.build_text_encoder(cfg, task))
+    weight = model.backbone.conv_in.weight
+    assert model.config.image_first
+    assert torch.allclose(weight[:, :3], exported["conv_in.weight"] / 2) and torch.equal(weight[:, :3], weight[:, 3:])
+    cfg = load_config("cpu-depth", keys)
+    task = build.build_task(cfg)
+    with pytest.raises(UserError, match="model.text_encoder=minilm"):
+        build.build_model(cfg, task, build.build_space(cfg), build.build_text_encoder(cfg, task))

@@ -97,6 +97,7 @@ def eval_(
     image_scale: float = typer.Option(None, help="InstructPix2Pix image guidance s_I (default: the run's)."),
     batch_size: int = typer.Option(None, help="Items per sampler call."),
     weights: str = typer.Option("ema", help="ema | model."),
+    checkpoint: str = typer.Option(None, help="A kept checkpoint: its step (e.g. 500) or folder (default: the newest)."),
     resolution: str = typer.Option(None, help="model | ground-truth: score at the model's resolution or, as "
                                    "Marigold does, upsampled to the ground truth's (depth; default: the task's)."),
     out: Path = typer.Option(None, help="Output folder (default RUN/eval/<split>-<checkpoint>)."),
@@ -109,7 +110,7 @@ def eval_(
     """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
     from genperc.inference import evaluate_run, load_run
 
-    run = load_run(run_dir, weights=weights, overrides=list(overrides or []))
+    run = load_run(run_dir, weights=weights, overrides=list(overrides or []), checkpoint=checkpoint)
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
     evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
                               limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,

@@ -627,6 +627,9 @@ class Denoiser(nn.Module):
                 f"the UNet in {path} has per-block cross_attention_dim {cad}", "use a UNet with one text width"
             )
         current = int(c.encoder_hid_dim or cad)
+        if text_dim == 0:
+            raise UserError(f"the UNet in {path} has cross-attention and needs text states, but the run has no text encoder",
+                            "set model.text_encoder=minilm (a task without text then conditions on the empty prompt)")
         text_dim = current if text_dim is None else int(text_dim)
         if text_dim != current:
             add_text_projection(unet, text_dim)
