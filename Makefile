@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # nothing more (an unpinned torch would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-slow bench lint fixtures clean
+.PHONY: install demo test test-slow bench lint fixtures world-generator clean
 
 install: $(STAMP)
 
@@ -36,6 +36,15 @@ lint: install
 
 fixtures: install
 	$(BIN)/genperc data fixtures
+
+# The world generator shipped in src/genperc/weights (issue 12): render the compact world,
+# pretrain text-to-image on its captions (~30 min on 2 CPU cores), copy it into the package with
+# its sha256 (generator.json). Presets name it as model.pretrained: world-generator.
+world-generator: install
+	$(BIN)/genperc pretrain --out runs/world-generator --world compact --steps 3000
+	rm -rf src/genperc/weights/world-generator
+	mkdir -p src/genperc/weights
+	cp -r runs/world-generator/generator src/genperc/weights/world-generator
 
 clean:
 	rm -rf $(VENV) demo runs

