@@ -1,5 +1,6 @@
 """``genperc experiment addp`` (ADDP Table 5, Fig. 7, Fig. 8): the run plan, the choice of the best
-strategy, the tables, resuming, and a tiny end-to-end run on a freshly rendered world."""
+strategy, the tables, their anchors (discriminative counterpart, trivial baselines), resuming, and a
+tiny end-to-end run on a freshly rendered world."""
 
 import json
 
@@ -54,6 +55,69 @@ def test_tables_show_mean_and_std_over_seeds_and_the_paper_column():
     assert "prob-diffusion-aug1 (after)" in md and "| uniform (before) | 7.5 | 15.0 |" in md  # Fig. 7 per step
 
 
+def test_anchor_rows_discriminative_and_baselines():
+    """The discriminative counterpart (mean ± std over seeds) and each baseline (one value) below the
+    strategies of Table 5 and the intensities of Fig. 8; the discriminative run, even when it scores
+    best, is never the best strategy nor the final run of the per-step table."""
+    runs = {("uniform", 0): 0.10, ("uniform", 1): 0.20, ("prob-diffusion", 0): 0.30, ("prob-diffusion", 1): 0.50,
+            ("discriminative", 0): 0.70, ("discriminative", 1): 0.90, ("prob-diffusion-aug1", 0): 0.6,
+            ("prob-diffusion-aug1", 1): 0.6}
+    results = _results("referring", runs, strategies=("uniform", "prob-diffusion"))
+    results["runs"]["discriminative-s0"]["per_step"] = [results["runs"]["discriminative-s0"]["summary"]]
+    results["runs"]["discriminative-s1"]["per_step"] = [results["runs"]["discriminative-s1"]["summary"]]
+    results["discriminative"] = True
+    results["baselines"] = {"empty mask": {"oIoU": 0.0, "mIoU": 0.0, "Prec@0.5": 0.0, "items": 10},
+                            "named shape": {"oIoU": 0.4567, "mIoU": 0.25, "Prec@0.5": 0.125, "items": 10}}
+    results["baseline_settings"] = {"fit_split": "train", "fit_items": 500, "predictors": {}}
+    results["best_strategy"] = A.best_strategy(results, results["strategies"], 2)
+    assert results["best_strategy"] == "prob-diffusion"  # oIoU 80 % of the discriminative run is not a candidate
+    assert A.final_name(results) == "prob-diffusion-aug1"
+    md = A.render_tables(results)
+    label = A.DISCRIMINATIVE_LABEL
+    assert _row(md, "Table 5", label) == ["80.0 ± 14.1", "40.0 ± 7.1", "80.0 ± 14.1", "–"]  # no paper number
+    assert _row(md, "Table 5", "baseline: named shape") == ["45.7", "25.0", "12.5", "–"]
+    assert _row(md, "Table 5", "baseline: empty mask") == ["0.0", "0.0", "0.0", "–"]
+    assert _row(md, "Fig. 8", label) == ["80.0 ± 14.1", "40.0 ± 7.1", "80.0 ± 14.1"]
+    assert _row(md, "Fig. 8", "baseline: named shape") == ["45.7", "25.0", "12.5"]
+    assert "up to 500 items of the train split" in md
+    curves = md.split("## Fig. 7", 1)[1].split("\n## ", 1)[0]
+    assert "discriminative" not in curves and "prob-diffusion-aug1 (after)" in curves
+    # planned without the counterpart (--no-discriminative): no row, the baselines stay
+    md = A.render_tables({**results, "discriminative": False})
+    assert label not in md and "baseline: named shape" in md
+
+
+def test_discriminative_jobs_and_the_plan(tmp_path):
+    """One discriminative job per seed on the base config with model.mode=discriminative, added to
+    part (a) unless turned off; the best strategy is chosen among the strategies only."""
+    experiment = _experiment(tmp_path, lambda m: None)
+    jobs = A.discriminative_jobs(experiment, 2)
+    assert [(j["name"], j["seed"]) for j in jobs] == [("discriminative", 0), ("discriminative", 1)]
+    for j in jobs:
+        assert j["config"]["model"]["mode"] == "discriminative" and j["config"]["train"]["seed"] == j["seed"]
+        assert j["config"]["train"]["augment"] == 0 and not j["calibrate"]
+        assert j["eval_indices"] == experiment.test_indices and j["eval_split"] == "test"
+        assert {k: v for k, v in j["config"].items() if k != "model"} == {
+            k: v for k, v in experiment.job("uniform", j["seed"], [])["config"].items() if k != "model"}
+    planned = []
+    experiment.run_jobs = lambda jobs, then=None: planned.append([A._key(j) for j in jobs])
+    experiment.results = _results("depth", {("uniform", 0): 0.3, ("discriminative", 0): 0.1}, seeds=1)
+    assert A.run_strategies(experiment, "depth", ["uniform"], 1) == "uniform"  # AbsRel 0.1 is not a candidate
+    assert A.run_strategies(experiment, "depth", ["uniform"], 1, discriminative=False) == "uniform"
+    assert planned == [["uniform-s0", "discriminative-s0"], ["uniform-s0"]]
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-discriminative"], False),
+                                            (["--discriminative"], True)])
+def test_cli_discriminative_flag(tmp_path, monkeypatch, flag, expected):
+    from genperc.cli import main
+
+    seen = {}
+    monkeypatch.setattr(A, "run_experiment", lambda **kw: seen.update(kw))
+    assert main(["experiment", "addp", "--out", str(tmp_path), *flag]) == 0
+    assert seen["discriminative"] is expected
+
+
 def test_strategy_overrides():
     assert A._strategy_overrides("loss-diffusion", "depth", None) == ["train.timesteps=loss-scaling",
                                                                       "train.contributions=diffusion"]
@@ -75,7 +139,8 @@ def test_bad_arguments_are_named(tmp_path, kwargs, match):
         A.run_experiment(**{"out": tmp_path, **kwargs})
 
 
-TINY = A.ExperimentSize("cpu-depth", 32, {"train": 6, "val": 6, "test": 4}, steps=3, batch_size=2, eval_items=4,
+# eval_items 3 of the 4 test items: the anchors must be scored on the same chosen subset as the runs
+TINY = A.ExperimentSize("cpu-depth", 32, {"train": 6, "val": 6, "test": 4}, steps=3, batch_size=2, eval_items=3,
                 calib_items=6, workers=1, threads=0, overrides=["sample.steps=3", "train.warmup_steps=1"])
 
 
@@ -89,12 +154,22 @@ def _row(markdown: str, heading: str, label: str) -> list[str]:
     raise AssertionError(f"no row {label!r} under {heading!r}")
 
 
+def _cells(summary: dict, task: str = "depth") -> list[str]:
+    """A one-value row of the task's table columns, formatted by hand."""
+    return {"depth": lambda s: [f"{100 * s['AbsRel']:.2f}", f"{100 * s['delta1']:.1f}", f"{s['RMSE']:.3f}"],
+            "referring": lambda s: [f"{100 * s[k]:.1f}" for k in ("oIoU", "mIoU", "Prec@0.5")]}[task](summary)
+
+
 def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
+    from genperc import build
+    from genperc.data.sources import open_scene_source
     from genperc.diffusion.timesteps import load_contributions
+    from genperc.evaluation import baselines as B
 
     res = A.run_experiment("depth", TINY, seeds=1, out=tmp_path, intensities="0,1", log=lambda m: None)
     runs = res["runs"]
-    assert set(runs) >= {"uniform-s0", "loss-diffusion-s0", "prob-diffusion-s0", "prob-perception-s0"}
+    assert set(runs) >= {"uniform-s0", "loss-diffusion-s0", "prob-diffusion-s0", "prob-perception-s0",
+                         "discriminative-s0"}
     # AbsRel differs between depth maps, so the uniform model's perception c² always exists and
     # the prob-perception run trains on exactly that table
     est = runs["uniform-s0"]["perception_c2"]
@@ -102,25 +177,56 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
     per_timestep = load_contributions(est["path"], 1000)
     assert torch.allclose(per_timestep[::100] * 100, torch.tensor(est["factors"], dtype=per_timestep.dtype), atol=1e-5)
     best = res["best_strategy"]
-    assert runs[f"{best}-aug1-s0"]["augment"] == 1.0
+    assert best in A.TABLE5 and runs[f"{best}-aug1-s0"]["augment"] == 1.0
     for r in runs.values():
-        assert r["steps"] == 3 and len(r["per_step"]) == len(r["timesteps"]) == 3
-        assert r["summary"] == r["per_step"][-1]
+        assert r["steps"] == 3 and r["summary"] == r["per_step"][-1]
+        if r["name"] == "discriminative":  # one forward pass at t = T−1: one "step"
+            assert r["mode"] == "discriminative" and r["timesteps"] == [999] and len(r["per_step"]) == 1
+        else:
+            assert r["mode"] == "generative" and len(r["per_step"]) == len(r["timesteps"]) == 3
     assert runs["loss-diffusion-s0"]["timesteps_strategy"] == "loss-scaling"
+    # the discriminative run trained with the task's own loss, on the base config (no augmentation)
+    from genperc.config import load_run_config
+
+    disc_cfg = load_run_config(tmp_path / "runs" / "discriminative-s0")
+    assert disc_cfg.model.mode == "discriminative" and disc_cfg.train.augment == 0
+    assert disc_cfg.train.steps == 3 and disc_cfg.train.batch_size == 2
+    assert (tmp_path / "runs" / "discriminative-s0" / "test" / "samples.csv").is_file()
     md = (tmp_path / "tables.md").read_text()
     # one seed: each cell is that run's AbsRel in %, 2 digits (then δ1 in %, RMSE in m)
-    uniform = runs["uniform-s0"]["summary"]
-    assert _row(md, "Table 5", "uniform") == [f"{100 * uniform['AbsRel']:.2f}", f"{100 * uniform['delta1']:.1f}",
-                                              f"{uniform['RMSE']:.3f}"]
+    assert _row(md, "Table 5", "uniform") == _cells(runs["uniform-s0"]["summary"])
     aug = runs[f"{best}-aug1-s0"]["summary"]["AbsRel"]
     assert _row(md, "Fig. 8", "1×")[0] == f"{100 * aug:.2f}"
+    disc = _cells(runs["discriminative-s0"]["summary"])
+    assert _row(md, "Table 5", A.DISCRIMINATIVE_LABEL) == _row(md, "Fig. 8", A.DISCRIMINATIVE_LABEL) == disc
+    assert "discriminative" not in md.split("## Fig. 7", 1)[1].split("\n## ", 1)[0]  # no per-step curve
+    # the baselines, computed here on the same test items (3 of the 4, chosen as the runs' are)
+    test_indices = A.eval_indices(4, 3, 1234)
+    assert res["test_items"] == 3 and test_indices != [0, 1, 2]
+    cfg = A.load_config(base=res["config"])
+    task = build.build_task(cfg)
+    fitted = B.fit_baselines(task, open_scene_source(cfg.data, "train"), 32)
+    dataset = task.dataset(open_scene_source(cfg.data, "test"), 32)
+    expected = B.score_baselines(task, dataset, fitted, indices=test_indices)
+    assert set(res["baselines"]) == {"training mean map", "row ramp"}
+    for name, summary in expected.items():
+        assert summary["items"] == 3 and res["baselines"][name]["AbsRel"] == pytest.approx(summary["AbsRel"])
+        assert _row(md, "Table 5", f"baseline: {name}") == _row(md, "Fig. 8", f"baseline: {name}") == _cells(summary)
+        assert "±" not in "".join(_cells(summary))
+    # score_baselines(indices=…) scores exactly those items: the mean of the items scored one by one
+    singles = [B.score_baselines(task, dataset, fitted, indices=[i]) for i in test_indices]
+    for name in expected:
+        for key in ("AbsRel", "delta1", "RMSE"):
+            assert expected[name][key] == pytest.approx(sum(one[name][key] for one in singles) / 3, rel=1e-5)
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "before_after.png").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"].keys() == runs.keys() and saved["size"] == "custom"
-    # every run is reused: a second call trains and scores nothing
+    assert saved["runs"].keys() == runs.keys() and saved["size"] == "custom" and saved["baselines"] == res["baselines"]
+    # every run and the baselines are reused: a second call trains and scores nothing
     monkeypatch.setattr(A, "run_job", lambda job: pytest.fail(f"re-ran {job['name']}"))
+    monkeypatch.setattr(B, "fit_baselines", lambda *a, **k: pytest.fail("re-fitted the baselines"))
+    monkeypatch.setattr(B, "score_baselines", lambda *a, **k: pytest.fail("re-scored the baselines"))
     again = A.run_experiment("depth", TINY, seeds=1, out=tmp_path, intensities="0,1", log=lambda m: None)
-    assert again["runs"].keys() == runs.keys()
+    assert again["runs"].keys() == runs.keys() and again["baselines"] == res["baselines"]
 
 
 def _experiment(tmp_path, log):
@@ -192,7 +298,13 @@ def test_referring_experiment_in_two_worker_processes(tmp_path, monkeypatch):
     assert {"uniform-s0", "prob-authors-s0"} <= set(res["runs"]) and res["workers"] == 2
     assert res["runs"]["prob-authors-s0"]["contributions"] == "addp-referring"
     assert all(r["threads"] == 1 and 0 <= r["summary"]["oIoU"] <= 1 for r in res["runs"].values())
-    assert _row((tmp_path / "tables.md").read_text(), "Table 5", "uniform")[-1] == "56.42"  # the paper's column
+    md = (tmp_path / "tables.md").read_text()
+    assert _row(md, "Table 5", "uniform")[-1] == "56.42"  # the paper's column
+    assert res["runs"]["discriminative-s0"]["mode"] == "discriminative"  # trained in the pool beside the others
+    assert _row(md, "Table 5", A.DISCRIMINATIVE_LABEL) == _cells(res["runs"]["discriminative-s0"]["summary"],
+                                                                 "referring") + ["–"]
+    assert set(res["baselines"]) == {"empty mask", "all objects", "named shape"}
+    assert _row(md, "Fig. 8", "baseline: named shape") == _cells(res["baselines"]["named shape"], "referring")
     assert any(k.endswith("/oIoU") for k in res["runs"]["uniform-s0"]["summary"])  # per expression family
 
 

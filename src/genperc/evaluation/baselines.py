@@ -44,7 +44,7 @@ summary holds that sub-task's numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,19 +323,28 @@ def _append(per_sample: dict, values: dict) -> None:
 
 @torch.no_grad()
 def score_baselines(task, dataset, baselines: list[Baseline], *, limit: int | None = None,
-                    resolution: str | None = None, batch_size: int = 16) -> dict[str, dict]:
+                    resolution: str | None = None, batch_size: int = 16,
+                    indices: Sequence[int] | None = None) -> dict[str, dict]:
     """Score each baseline with the task's metrics on the first ``limit`` items of ``dataset`` (the
     items :func:`~genperc.evaluation.evaluate.evaluate` scores), at ``resolution`` ("model" or
-    "ground-truth", default the task's). Returns {name: summary}; every summary also holds
-    ``items``, the number of evaluated items (a generalist baseline scores its sub-task's among them)."""
+    "ground-truth", default the task's). ``indices``: score these items of ``dataset`` instead of
+    its first ones (in this order; ``limit`` then keeps the first ``limit`` of them) — a baseline
+    reads ``dataset.source``, so the items are picked here rather than by a ``Subset``. Returns
+    {name: summary}; every summary also holds ``items``, the number of evaluated items (a
+    generalist baseline scores its sub-task's among them)."""
     from genperc.data.datasets import collate
     from genperc.evaluation.evaluate import check_resolution
 
     resolution = check_resolution(resolution or task.evaluation_resolution)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+    positions = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    if any(not 0 <= i < len(dataset) for i in positions):
+        raise IndexError(f"baseline indices out of range for a dataset of {len(dataset)} items")
+    if limit is not None:
+        positions = positions[:limit]
+    n = len(positions)
     per_sample: dict[str, dict[str, list]] = {b.name: {} for b in baselines}
     for start in range(0, n, batch_size):
-        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        items = [dataset[i] for i in positions[start:start + batch_size]]
         for baseline in baselines:
             chosen = [it for it in items if baseline.subtask is None or it.get("subtask") == baseline.subtask]
             if not chosen:

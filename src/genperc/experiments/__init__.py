@@ -54,16 +54,20 @@ def addp_command(
     workers: int = typer.Option(None, help="Runs trained in parallel processes (default: the size's; 1 on a GPU)."),
     threads: int = typer.Option(None, help="torch threads per worker process (default: the size's; 0 = the process's, i.e. "
                                            "`genperc --threads`)."),
+    discriminative: bool = typer.Option(True, "--discriminative/--no-discriminative",
+                                        help="Also train the discriminative counterpart (model.mode=discriminative, "
+                                             "one forward pass) at every seed, an anchor row of the tables."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """ADDP Table 5 (timestep strategies), Fig. 8 (augmentation intensity) and Fig. 7 (per-step
-    curves before/after), as markdown (OUT/tables.md) and figures."""
+    curves before/after), as markdown (OUT/tables.md) and figures, beside their anchors on the same
+    test items: the discriminative counterpart and the task's trivial baselines."""
     from genperc.experiments.addp import run_experiment
 
     out = out or Path("runs") / f"addp-{task}-{size}"
     run_experiment(task=task, size=size, seeds=seeds, out=out, strategies=strategies, intensities=intensities,
                    overrides=list(overrides or []), world_path=world_path, workers=workers, threads=threads,
-                   log=typer.echo)
+                   discriminative=discriminative, log=typer.echo)
     typer.echo(f"tables → {out / 'tables.md'}")
 
 

@@ -15,7 +15,15 @@ from its last checkpoint otherwise, so an interrupted experiment goes on where i
   optionally ``prob-authors`` (the authors' released table for the task).
 * **(b) Fig. 8, augmentation intensity** 0 / 0.5 / 1 / 2 (``train.augment``, §3.2) on top of the
   strategy with the best mean main metric in (a); intensity 0 is that strategy's run itself.
-* **Fig. 7, per-step curves**: every run is scored at every denoising step in one sampling run
+* **Anchors** (issue 12), rows of Table 5 and of the Fig. 8 table, scored on the same test items:
+  the **discriminative counterpart** ``discriminative`` at every seed (ADDP Table 2: the base
+  config with ``model.mode=discriminative`` — same denoiser, data, steps × batch, no timestep
+  strategy or augmentation — trained with the task's own loss, one forward pass at t = T−1; left
+  out by ``discriminative=False`` / ``--no-discriminative``; never a candidate for the best
+  strategy nor a per-step curve) and the task's **trivial baselines**
+  (:mod:`genperc.evaluation.baselines`, fitted on the train split), scored once, not per seed —
+  they do not train — into ``results["baselines"]``.
+* **Fig. 7, per-step curves**: every generative run is scored at every denoising step in one sampling run
   (:func:`genperc.evaluation.trajectory.step_metrics`); its last step is the run's table entry
   (the same noise as ``genperc eval`` with the same seed). ``curves.png`` draws the split-level
   main metric (oIoU / AbsRel) against t for every strategy and intensity, ``before_after.png``
@@ -52,6 +60,9 @@ STRATEGIES = {
     "prob-authors": ("prob-scaling", "authors", "probability scaling, the authors' table"),
 }
 TABLE5 = ("uniform", "loss-diffusion", "prob-diffusion", "prob-perception")
+#: the discriminative counterpart's run name and table row (ADDP Table 2's comparison)
+DISCRIMINATIVE = "discriminative"
+DISCRIMINATIVE_LABEL = "discriminative counterpart (one forward pass)"
 INTENSITIES = (0.0, 0.5, 1.0, 2.0)
 #: RefCOCO val oIoU of Table 5 (SD 1.5 InstructPix2Pix, 20-epoch ablation; REFERENCE.md)
 PAPER_TABLE5 = {"uniform": 56.42, "loss-diffusion": 58.21, "prob-diffusion": 63.05, "prob-perception": 64.00}
@@ -60,9 +71,8 @@ COLUMNS = {"referring": (("oIoU", "oIoU (%) ↑", 100, 1), ("mIoU", "mIoU (%) �
                          ("Prec@0.5", "Prec@0.5 (%) ↑", 100, 1)),
            "depth": (("AbsRel", "AbsRel (%) ↓", 100, 2), ("delta1", "δ1 (%) ↑", 100, 1), ("RMSE", "RMSE (m) ↓", 1, 3))}
 
-# The world of the experiment: the demo's (CLEVR shapes without red, 3–5 objects, a close camera).
-WORLD = dict(min_objects=3, max_objects=5, camera_distance=(6.5, 8.0),
-             colors=("gray", "blue", "green", "brown", "purple", "cyan", "yellow"))
+#: The world of the experiment (``WorldConfig.preset``): the demo's, as when the README's tables were measured.
+WORLD = "demo"
 
 
 @dataclass
@@ -112,17 +122,10 @@ def size_for(task: str, size: str) -> ExperimentSize:
 
 def render_world(root: Path, spec: ExperimentSize, seed: int = 0, log=print) -> Path:
     """The experiment's world: train / val / test splits (resumable, deterministic)."""
-    from genperc.data.world import WorldConfig, render_split
+    from genperc.data.world import WorldConfig, render_world
 
-    config = WorldConfig(resolution=spec.resolution, spp=spec.spp, **WORLD)
-    for split, n in spec.scenes.items():
-        manifest = root / split / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
-            continue
-        log(f"rendering {n} {split} scenes at {spec.resolution}px into {root}")
-        render_split(root, config, split=split, scenes=n, seed=seed, workers=max(1, min(os.cpu_count() or 1, 4)),
-                     progress=False)
-    return root
+    config = WorldConfig.preset(WORLD, resolution=spec.resolution, spp=spec.spp)
+    return render_world(root, config, spec.scenes, seed=seed, workers=max(1, min(os.cpu_count() or 1, 4)), log=log)
 
 
 def base_config(task: str, spec: ExperimentSize, world: Path, overrides: list[str]):
@@ -161,15 +164,21 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _step_scores(run, split: str, indices: list[int], seed: int):
-    """Per-step metrics of ``indices`` of ``split`` and the split-level summary at every step."""
+def _items(run, split: str, indices: list[int]):
+    """The items ``indices`` of the run's ``split`` (those that exist), as a ``Subset``."""
     from torch.utils.data import Subset
 
     from genperc.data.sources import open_scene_source
-    from genperc.evaluation.trajectory import step_metrics
 
     dataset = run.task.dataset(open_scene_source(run.cfg.data, split), run.cfg.data.resolution)
-    subset = Subset(dataset, [i for i in indices if i < len(dataset)])
+    return Subset(dataset, [i for i in indices if i < len(dataset)])
+
+
+def _step_scores(run, split: str, indices: list[int], seed: int):
+    """Per-step metrics of ``indices`` of ``split`` and the split-level summary at every step."""
+    from genperc.evaluation.trajectory import step_metrics
+
+    subset = _items(run, split, indices)
     scores = step_metrics(run.model, run.task, subset, schedule=run.schedule, space=run.space,
                           text_encoder=run.text_encoder, sample_cfg=run.cfg.sample, seed=seed, device=run.device)
     per_step = [run.task.summarize({**{k: v[:, j] for k, v in scores.values.items()}, **scores.labels})
@@ -197,7 +206,7 @@ def run_job(job: dict) -> dict:
         "name": job["name"], "seed": job["seed"], "train_s": train_s, "steps": trained.step,
         "images_per_s": trained.images_per_s, "final_loss": trained.loss, "threads": torch.get_num_threads(),
         "timesteps_strategy": cfg.train.timesteps, "contributions": cfg.train.contributions,
-        "augment": cfg.train.augment}
+        "augment": cfg.train.augment, "mode": cfg.model.mode}
     if job.get("calibrate"):
         result["perception_c2"] = _try_calibrate(run, job)
     return _save_result(done, result)
@@ -218,14 +227,34 @@ def _train(cfg, run_dir: Path):
 
 def _score_on_test(run, job: dict) -> dict:
     """The run's split-level summary at every denoising step on the job's test items (the last
-    step is the table entry); the per-sample matrices go to ``RUN/steps``."""
+    step is the table entry); the per-sample matrices go to ``RUN/steps``. A discriminative run
+    has one step: :func:`_score_discriminative`."""
     from genperc.evaluation.trajectory import write_step_metrics
 
+    if run.mode == "discriminative":
+        return _score_discriminative(run, job)
     start = time.perf_counter()
     scores, per_step = _step_scores(run, job["eval_split"], job["eval_indices"], job["eval_seed"])
     eval_s = time.perf_counter() - start
     write_step_metrics(scores, Path(job["run_dir"]) / "steps", {"split": job["eval_split"], "task": run.task.name})
     return {"summary": per_step[-1], "timesteps": scores.timesteps.tolist(), "per_step": per_step, "eval_s": eval_s}
+
+
+def _score_discriminative(run, job: dict) -> dict:
+    """A discriminative run on the job's test items: the normal evaluation (one forward pass, no
+    sampler; :func:`genperc.evaluation.evaluate.evaluate`), its summary also the one entry of
+    ``per_step`` at the one timestep t = T−1; the per-item rows go to ``RUN/test/samples.csv``."""
+    from genperc.evaluation.evaluate import evaluate
+    from genperc.models.discriminative import discriminative_timestep
+
+    start = time.perf_counter()
+    res = evaluate(run.model, run.task, _items(run, job["eval_split"], job["eval_indices"]), schedule=run.schedule,
+                   space=run.space, text_encoder=run.text_encoder, sample_cfg=run.cfg.sample, device=run.device,
+                   seed=job["eval_seed"], mode=run.mode)
+    eval_s = time.perf_counter() - start
+    res.write_csv(Path(job["run_dir"]) / "test" / "samples.csv")
+    return {"summary": res.summary, "timesteps": [discriminative_timestep(run.schedule)], "per_step": [res.summary],
+            "eval_s": eval_s}
 
 
 def _save_result(path: Path, result: dict) -> dict:
@@ -374,7 +403,7 @@ class Experiment:
 
 def open_experiment(task: str, spec: ExperimentSize, size_name: str, seeds: int, out: Path, world: Path,
                     overrides: list[str], names: list[str], levels: list[float], workers: int | None,
-                    threads: int | None, log) -> Experiment:
+                    threads: int | None, log, discriminative: bool = True) -> Experiment:
     """The experiment's base config, the fixed test / val items it scores and its results so far
     (resumed from ``OUT/results.json``), with this call's plan recorded."""
     from genperc import build
@@ -394,6 +423,7 @@ def open_experiment(task: str, spec: ExperimentSize, size_name: str, seeds: int,
     results.update({"task": task, "size": size_name, "seeds": seeds, "size_spec": asdict(spec),
                     "train_items": items["train"], "test_items": len(test_indices), "val_items": len(val_indices),
                     "main_metric": codec.main_metric, "strategies": names, "intensities": levels,
+                    "discriminative": discriminative,
                     "workers": workers, "threads": threads, "config": cfg.to_dict(), "machine": machine_line()})
     return Experiment(out, cfg, test_indices, val_indices, results, workers, threads, log)
 
@@ -411,12 +441,48 @@ def perception_followup(experiment: Experiment, task: str, names: list[str], uni
     return [experiment.job("prob-perception", seed, _strategy_overrides("prob-perception", task, estimate["path"]))]
 
 
-def run_strategies(experiment: Experiment, task: str, names: list[str], seeds: int) -> str:
-    """Part (a), Table 5: every strategy at every seed; each prob-perception run starts when its
-    seed's uniform run (and estimate) is done. Returns the best strategy (also recorded)."""
+def discriminative_jobs(experiment: Experiment, seeds: int) -> list[dict]:
+    """The discriminative counterpart at every seed (ADDP Table 2): the base config — same denoiser,
+    data, steps × batch, no augmentation — with ``model.mode=discriminative`` (the task's own loss,
+    one forward pass; the timestep strategy does not apply)."""
+    return [experiment.job(DISCRIMINATIVE, seed, ["model.mode=discriminative"]) for seed in range(seeds)]
+
+
+def score_anchor_baselines(experiment: Experiment) -> dict:
+    """The task's trivial baselines (:mod:`genperc.evaluation.baselines`, the same predictors as
+    ``genperc eval --baselines``), fitted on the train split and scored once — they do not train,
+    so not per seed — on the experiment's test items, into ``results["baselines"]`` (kept when
+    already there)."""
+    from genperc import build
+    from genperc.data.sources import open_scene_source
+    from genperc.evaluation.baselines import DEFAULT_FIT_ITEMS, fit_baselines, score_baselines
+
+    results, cfg = experiment.results, experiment.cfg
+    if "baselines" in results:
+        return results["baselines"]
+    experiment.log(f"scoring the trivial baselines on {len(experiment.test_indices)} test items")
+    task = build.build_task(cfg)
+    predictors = fit_baselines(task, open_scene_source(cfg.data, cfg.data.train_split), cfg.data.resolution,
+                               fit_items=DEFAULT_FIT_ITEMS)  # fitted first, as genperc eval does
+    dataset = task.dataset(open_scene_source(cfg.data, "test"), cfg.data.resolution)
+    indices = [i for i in experiment.test_indices if i < len(dataset)]
+    results["baselines"] = score_baselines(task, dataset, predictors, indices=indices,
+                                           batch_size=cfg.sample.batch_size)
+    results["baseline_settings"] = {"fit_split": cfg.data.train_split, "fit_items": DEFAULT_FIT_ITEMS,
+                                    "predictors": {b.name: b.description for b in predictors}}
+    experiment.save()
+    return results["baselines"]
+
+
+def run_strategies(experiment: Experiment, task: str, names: list[str], seeds: int,
+                   discriminative: bool = True) -> str:
+    """Part (a), Table 5: every strategy at every seed, and (``discriminative``) the discriminative
+    counterpart beside them; each prob-perception run starts when its seed's uniform run (and
+    estimate) is done. Returns the best strategy (also recorded; never the discriminative run)."""
     calibrate = "prob-perception" in names
     jobs = [experiment.job(s, seed, _strategy_overrides(s, task, None), calibrate=(s == "uniform" and calibrate))
             for seed in range(seeds) for s in names if s != "prob-perception"]
+    jobs += discriminative_jobs(experiment, seeds) if discriminative else []
     experiment.run_jobs(jobs, then=lambda result: perception_followup(experiment, task, names, result))
     best = best_strategy(experiment.results, names, seeds)
     experiment.results["best_strategy"] = best
@@ -443,10 +509,11 @@ def run_intensities(experiment: Experiment, task: str, best: str, levels: list[f
 def run_experiment(task: str = "referring", size: str | ExperimentSize = "cpu", seeds: int = 3,
                    out: str | Path | None = None, strategies: str = ",".join(TABLE5), intensities: str = "0,0.5,1,2",
                    overrides: list[str] | None = None, world_path: str | None = None, workers: int | None = None,
-                   threads: int | None = None, log=print) -> dict:
+                   threads: int | None = None, discriminative: bool = True, log=print) -> dict:
     """Run the experiment (module docstring); returns the results dict also saved as JSON.
     ``size``: a name in :data:`SIZES` (``cpu`` / ``gpu``) or an :class:`ExperimentSize` of one's
-    own (tests, custom sizes; recorded as ``custom``)."""
+    own (tests, custom sizes; recorded as ``custom``). ``discriminative``: also train the
+    discriminative counterpart at every seed (the trivial baselines are always scored)."""
     names, levels = parse_strategies(strategies), parse_intensities(intensities)
     if seeds < 1:
         raise UserError(f"--seeds {seeds} < 1", "use 1 or more seeds")
@@ -456,8 +523,9 @@ def run_experiment(task: str = "referring", size: str | ExperimentSize = "cpu", 
     out.mkdir(parents=True, exist_ok=True)
     world = Path(world_path) if world_path else render_world(out / "data" / "world", spec, log=log)
     experiment = open_experiment(task, spec, size_name, seeds, out, world, list(overrides or []), names, levels,
-                                 workers, threads, log)
-    best = run_strategies(experiment, task, names, seeds)
+                                 workers, threads, log, discriminative=discriminative)
+    score_anchor_baselines(experiment)
+    best = run_strategies(experiment, task, names, seeds, discriminative=discriminative)
     run_intensities(experiment, task, best, levels, seeds)
     plot_curves(experiment.results, out)
     return experiment.results
@@ -541,7 +609,8 @@ def _table5(results: dict) -> list[str]:
     for name in results.get("strategies", []):
         lines.append(f"| {STRATEGIES[name][2]} | {_metric_cells(results, name)} |"
                      + (f" {PAPER_TABLE5.get(name, '–')} |" if paper else ""))
-    lines.append("")
+    lines += _anchor_rows(results, " – |" if paper else "")
+    lines += [""] + _anchor_note(results)
     if not paper:
         lines += ["The paper has no Table 5 for depth; its full method (the authors' table + augmentation) moves "
                   "Marigold on NYUv2 from AbsRel 6.0 to 5.6 and δ1 95.9 to 96.3.", ""]
@@ -555,7 +624,37 @@ def _fig8_table(results: dict) -> list[str]:
              "| intensity | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for level in results.get("intensities", []):
         lines.append(f"| {level:g}× | {_metric_cells(results, aug_name(best, level))} |")
-    return lines + [""]
+    return lines + _anchor_rows(results) + [""]
+
+
+def _anchor_rows(results: dict, tail: str = "") -> list[str]:
+    """The anchors' rows (issue 12), on the runs' test items: the discriminative counterpart (mean
+    ± std over seeds) when planned, then each trivial baseline (deterministic: one value)."""
+    rows = []
+    if results.get("discriminative"):
+        rows.append(f"| {DISCRIMINATIVE_LABEL} | {_metric_cells(results, DISCRIMINATIVE)} |{tail}")
+    for name, summary in results.get("baselines", {}).items():
+        cells = " | ".join(fmt_mean_std([summary.get(key)], scale, digits)
+                           for key, _, scale, digits in COLUMNS[results["task"]])
+        rows.append(f"| baseline: {name} | {cells} |{tail}")
+    return rows
+
+
+def _anchor_note(results: dict) -> list[str]:
+    """What the anchor rows are, under Table 5."""
+    notes = []
+    if results.get("discriminative"):
+        notes.append("The discriminative counterpart (ADDP Table 2) is the same denoiser, data, steps × batch and seeds "
+                     "trained with the task's own loss and evaluated in one forward pass at t = T−1 on x_T = 0 "
+                     "(`model.mode=discriminative`; no timestep strategy, no augmentation).")
+    if "baselines" in results:
+        fit = results.get("baseline_settings", {})
+        notes.append(f"Baselines are the task's trivial predictors (`genperc eval --baselines`), fitted on up to "
+                     f"{fit.get('fit_items', '–')} items of the {fit.get('fit_split', 'train')} split; "
+                     f"deterministic, so no ±.")
+    if not notes:
+        return []
+    return [" ".join(["Anchors (scored on the same test items as every run).", *notes]), ""]
 
 
 def final_name(results: dict) -> str | None:
