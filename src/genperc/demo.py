@@ -1,9 +1,11 @@
 """``make demo``: the main job on the embedded default, end to end on a 2-core CPU in minutes.
 
-1. **Render** a small shapes world at 32×32 with the world renderer (``OUT/world/{train,val}``;
+1. **Render** a small shapes world at 32×32 (the ``compact`` design) with the world renderer (``OUT/world/{train,val}``;
    seeded and resumable, so a second run reuses it).
 2. **Train** referring segmentation as InstructPix2Pix-style editing (ADDP §2: the referred object
-   painted pure red, the expression as text, the image concatenated) with the one trainer, for a
+   painted pure red, the expression as text, the image concatenated), fine-tuned from the world
+   generator shipped with the package (``model.pretrained: world-generator``, the Stable Diffusion
+   stand-in of :mod:`genperc.pretrain`) with the one trainer, for a
    fixed number of steps (``--steps``; the same seed gives the same model on any machine load;
    ``--minutes`` adds a machine-dependent time limit). The run's checkpoint is in ``OUT/run``.
 3. **Evaluate** the saved run on held-out scenes (loaded back from ``OUT/run`` the way
@@ -32,7 +34,7 @@ from genperc.config import load_config
 from genperc.evaluation.baselines import head_noun_mask, trivial_baselines  # noqa: F401 (the demo's table; re-exported)
 
 # The demo world: ``WorldConfig.preset(DEMO_WORLD)`` (see genperc.data.world.WORLD_PRESETS).
-DEMO_WORLD = "demo"
+DEMO_WORLD = "compact"
 
 
 def _log(msg: str) -> None:
