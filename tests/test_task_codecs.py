@@ -79,8 +79,9 @@ def test_generalist_dataset_enumerates_items_deterministically():
     assert all(src[r].objects and any(o.category == "disc" for o in src[r].objects) for r, _, _ in only._items)
 
 
-def test_generalist_targets_decode_back_to_perfect_scores():
-    task = create_task("generalist")
+@pytest.mark.parametrize("box_style", ["outline", "fill"])
+def test_generalist_targets_decode_back_to_perfect_scores(box_style):
+    task = create_task("generalist", box_style=box_style)
     batch, _ = batch_of(task, n=100, size=2)
     tb = task.prepare(batch)
     pred = task.decode(tb.x0, batch)
@@ -212,3 +213,13 @@ def test_generalist_loss_mask_masks_invalid_depth_of_depth_items_only():
             expected[:, 2:5, 3] = 0
         torch.testing.assert_close(tb.loss_mask[i], expected, rtol=0, atol=0)
     assert batch["subtask"].count("depth") == 1 and len(batch["subtask"]) > 1
+
+
+def test_generalist_filled_boxes_cover_the_box_and_bad_styles_are_refused():
+    image = torch.full((3, 8, 8), -1.0)
+    task = create_task("generalist", box_style="fill")
+    drawn = draw_box_outlines(image, torch.tensor([[2.0, 1.0, 6.0, 5.0]]), task.box_colour, task._width(8))
+    green = (drawn == task.box_colour.view(3, 1, 1)).all(0)
+    assert green[1:5, 2:6].all() and green.sum() == 16
+    with pytest.raises(UserError, match="box_style"):
+        create_task("generalist", box_style="dashed")

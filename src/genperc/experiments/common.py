@@ -1,9 +1,11 @@
-"""What the experiment runners share: mean ± std cells and the machine line of their tables."""
+"""What the experiment runners share: comma-separated choices, mean ± std cells and the machine line of their tables."""
 
 from __future__ import annotations
 
 import math
 import statistics
+
+from genperc.errors import UserError
 
 
 def fmt_mean_std(values, scale: float = 1.0, digits: int = 1) -> str:
@@ -22,3 +24,13 @@ def machine_line() -> str:
 
     m = machine_info()
     return f"{m['cpu']}, {m['cores']} cores, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU") + f", torch {m['torch']}"
+
+
+def parse_choices(text: str, valid, what: str) -> list[str]:
+    """``"a,b"`` → the named choices in order without repeats; a one-line error names the first
+    one not in ``valid`` (``what``: "mode", "timestep spacing", …)."""
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    bad = [s for s in names if s not in valid]
+    if bad or not names:
+        raise UserError(f"unknown {what} {bad[0] if bad else text!r}", f"use any of {', '.join(valid)}, comma-separated")
+    return names

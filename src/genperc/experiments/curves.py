@@ -42,7 +42,7 @@ from pathlib import Path
 from genperc.config import MODEL_MODES, RunConfig, load_config, load_run_config
 from genperc.errors import UserError
 from genperc.evaluation.baselines import DEFAULT_FIT_ITEMS
-from genperc.experiments.common import fmt_mean_std, machine_line
+from genperc.experiments.common import fmt_mean_std, machine_line, parse_choices
 
 DEFAULT_MODES = ",".join(MODEL_MODES)
 EVAL_SEED = 0
@@ -52,12 +52,7 @@ BOOKKEEPING = ("sample.", "train.progress", "train.log_every", "data.num_workers
 
 def parse_modes(modes: str) -> list[str]:
     """``"generative,discriminative"`` → the ``model.mode`` values, in order, without repeats."""
-    names = list(dict.fromkeys(m.strip() for m in modes.split(",") if m.strip()))
-    bad = [m for m in names if m not in MODEL_MODES]
-    if bad or not names:
-        raise UserError(f"unknown mode {bad[0] if bad else modes!r} in --modes",
-                        f"use any of {', '.join(MODEL_MODES)}, comma-separated")
-    return names
+    return parse_choices(modes, MODEL_MODES, "mode")
 
 
 def eval_steps(steps: int, every: int) -> list[int]:

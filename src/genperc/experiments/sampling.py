@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from genperc.errors import UserError
-from genperc.experiments.common import machine_line
+from genperc.experiments.common import machine_line, parse_choices
 
 DEFAULT_STEPS = "1,4,10,50"
 DEFAULT_SPACINGS = "trailing,leading"
@@ -49,12 +49,7 @@ def parse_spacings(spacings: str) -> list[str]:
     """``"trailing,leading"`` → the timestep spacings, each one diffusers knows."""
     from genperc.diffusion.schedule import TIMESTEP_SPACINGS
 
-    names = list(dict.fromkeys(s.strip() for s in spacings.split(",") if s.strip()))
-    bad = [s for s in names if s not in TIMESTEP_SPACINGS]
-    if bad or not names:
-        raise UserError(f"unknown timestep spacing {bad[0] if bad else spacings!r}",
-                        f"use any of {', '.join(TIMESTEP_SPACINGS)}, comma-separated")
-    return names
+    return parse_choices(spacings, TIMESTEP_SPACINGS, "timestep spacing")
 
 
 def check_sampler(sampler: str) -> str:

@@ -11,7 +11,8 @@ depth      "estimate the depth of this image"     gray normalised depth, 3 chann
                                                   2%/98% normalisation, near = black)
 segment    "segment the cube"                     white mask of that class on black
 detect     "detect the cube"                      the input image with the boxes of that class
-                                                  drawn as outlines in a fixed colour
+                                                  drawn as outlines in a fixed colour (or filled:
+                                                  ``box_style: fill``)
 =========  =====================================  ===========================================
 
 Decoding: depth = channel mean (affine-invariant); segment = white response (mean of the
@@ -64,6 +65,10 @@ PROMPTS = {
 }
 OBJECT_METRICS = tuple(f"objects/{k}" for k in DEPTH_METRICS)  # depth on object pixels (depth_metrics)
 BOX_COLOUR = (0, 255, 0)  # pure green: far from every CLEVR colour (≥ 150 RGB units)
+#: how a detect target draws its boxes: InstructCV's outlines, or filled rectangles (issue 12: at
+#: 32 px a 1-pixel outline is a hard target; decoding is the same — a filled box's external contour
+#: is its outline — and a box's confidence is the mean response over the drawn pixels)
+BOX_STYLES = ("outline", "fill")
 
 
 def _prompt_patterns():
@@ -229,12 +234,16 @@ class GeneralistTask(Task):
 
     def __init__(self, subtasks=SUBTASKS, classes=None, absent_classes: bool = True, phrasing="vary",
                  box_width: int | None = None, box_threshold: float = 80.0, min_box: int = 2,
-                 min_depth: float | None = None, max_depth: float | None = None, segment_threshold: float = 0.5):
+                 min_depth: float | None = None, max_depth: float | None = None, segment_threshold: float = 0.5,
+                 box_style: str = "outline"):
         self.subtasks = tuple(subtasks)
         self.classes = None if classes is None else list(classes)
         self.absent_classes = bool(absent_classes)
         self.phrasing = phrasing
         self.box_width = box_width
+        if box_style not in BOX_STYLES:
+            raise UserError(f"task_options.box_style={box_style!r} is not a box style", f"use one of {', '.join(BOX_STYLES)}")
+        self.box_style = box_style
         self.box_threshold = float(box_threshold)
         self.min_box = int(min_box)
         self.depth_range = DepthRange(min_depth, max_depth)
@@ -249,6 +258,9 @@ class GeneralistTask(Task):
         return ds
 
     def _width(self, h: int) -> int:
+        """The drawn outline's width; a filled box is an outline as wide as the image."""
+        if self.box_style == "fill":
+            return h
         return int(self.box_width) if self.box_width else max(1, h // 32)
 
     @property
@@ -484,6 +496,7 @@ class GeneralistTask(Task):
         return {"subtasks": list(self.subtasks), "classes": self.classes or "all but background",
                 "absent_classes": self.absent_classes, "box_colour": list(BOX_COLOUR),
                 "box_threshold": self.box_threshold, "box_width": self.box_width or "resolution // 32",
+                "box_style": self.box_style,
                 "box_score": "mean box-colour response on the box outline",
                 "segment_threshold": self.segment_threshold, "depth_range": self.depth_range.as_list(),
                 "depth_range_from": self.depth_range.origin,
