@@ -304,3 +304,22 @@ def test_cli_show_and_check(tmp_path, split_copy):
     assert res.exit_code == 0 and "1 skipped" in res.output
     res = runner.invoke(app, ["show", str(FIXTURE / "multi64"), "--split", "val", "--index", "99"])
     assert isinstance(res.exception, UserError)
+
+
+def test_split_statistics_agree_with_the_annotations():
+    """`genperc data stats`: the visible pixels per object match the count the renderer stored in
+    each object's annotation; depth and cover are within their ranges."""
+    import numpy as np
+
+    from genperc.data.world import WorldSource
+    from genperc.data.world.show import split_statistics
+
+    source = WorldSource(Path(__file__).parent / "fixtures" / "world" / "multi32", split="val")
+    stats = split_statistics(source)
+    stored = [o.attributes["pixels"] for i in range(len(source)) for o in source[i].objects]
+    assert stats["scenes"] == len(source)
+    assert stats["object_pixels_median"] == float(np.median(stored))
+    deepest = max(float(source[i].depth.max()) for i in range(len(source)))
+    assert 0 < stats["farthest_depth_median_m"] <= stats["farthest_depth_p90_m"] <= deepest
+    assert 0 < stats["object_cover_mean"] < 1
+    assert split_statistics(source, limit=2)["scenes"] == 2

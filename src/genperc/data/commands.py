@@ -127,6 +127,25 @@ def check(
 
 
 @app.command()
+def stats(
+    directory: Path = typer.Argument(..., help="A rendered world folder (or one split folder)."),
+    split: str = typer.Option("train", help="Split to read."),
+    limit: int = typer.Option(None, help="Only the first N scenes."),
+):
+    """What the camera sees: farthest depth per image, visible pixels per object, object cover."""
+    from genperc.data.world.format import WorldSource
+    from genperc.data.world.show import split_statistics
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} is not positive", "use --limit 1 or more, or leave it out")
+    s = split_statistics(WorldSource(directory, split=split), limit)
+    typer.echo(f"{s['scenes']} scenes: farthest depth per image median {s['farthest_depth_median_m']:.1f} m, "
+               f"p90 {s['farthest_depth_p90_m']:.1f} m; visible pixels per object median "
+               f"{s['object_pixels_median']:.0f}, p10 {s['object_pixels_p10']:.0f}; objects cover "
+               f"{100 * s['object_cover_mean']:.1f}% of the image")
+
+
+@app.command()
 def fixtures(
     out: Path = typer.Option(FIXTURE_DIR, "--out", help="Where the test fixture goes."),
     workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes."),

@@ -90,3 +90,19 @@ def contact_sheet(record: SceneRecord, out, title: str | None = None,
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def split_statistics(source, limit: int | None = None) -> dict:
+    """What a camera design gives a model (issue 12): per scene the farthest valid depth, per
+    object its visible pixels, per image the share of object pixels — over the first ``limit``
+    scenes of a split. Medians / 90th percentiles as plain floats."""
+    far, pixels, cover = [], [], []
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        record = source[i]
+        valid = record.depth[record.depth_valid]
+        far.append(float(valid.max()) if valid.size else float("nan"))
+        pixels += [int((record.instances == o.id).sum()) for o in record.objects]
+        cover.append(float((record.instances > 0).mean()))
+    return {"scenes": len(far), "farthest_depth_median_m": float(np.nanmedian(far)),
+            "farthest_depth_p90_m": float(np.nanpercentile(far, 90)), "object_pixels_median": float(np.median(pixels)),
+            "object_pixels_p10": float(np.percentile(pixels, 10)), "object_cover_mean": float(np.mean(cover))}
