@@ -159,3 +159,16 @@ def test_a_packaged_generator_is_found_by_name_and_checked(generator, tmp_path, 
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(UserError, match="SHA-256 mismatch"):
         pretrained.resolve_pretrained("tiny-generator")
+
+
+def test_pretrain_refuses_to_resume_a_run_trained_otherwise(generator):
+    """A second `genperc pretrain` into the same --out with other settings is refused before it
+    touches the run (its checkpoints and exported generator stay as they were)."""
+    from genperc.pretrain import pretrain
+
+    out, record = generator
+    before = sorted(p.name for p in (out / "run" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match="trained with another config"):
+        pretrain(out, world_path=FIXTURE, overrides=[*TINY, "train.lr=3e-4"], eval_limit=2)
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == before
+    assert json.loads((out / "generator" / "generator.json").read_text())["unet_sha256"] == record["unet_sha256"]

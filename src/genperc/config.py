@@ -306,6 +306,29 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, b
     return from_dict(RunConfig, data)
 
 
+#: config keys that do not change what a run trains (left out when a run is resumed with a config)
+BOOKKEEPING = ("sample.", "train.progress", "train.log_every", "data.num_workers")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(run_dir: str | Path, cfg: RunConfig, fix: str) -> None:
+    """A one-line :class:`UserError` (with ``fix``) when the run in ``run_dir`` was trained with
+    another config than ``cfg`` (:data:`BOOKKEEPING` keys aside): resuming it would mix two runs."""
+    saved = _flat(json.loads(json.dumps(load_run_config(run_dir).to_dict())))
+    wanted = _flat(json.loads(json.dumps(cfg.to_dict())))
+    diff = [k for k in sorted(set(saved) | set(wanted))
+            if not k.startswith(BOOKKEEPING) and saved.get(k) != wanted.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}={saved.get(k)!r} (now {wanted.get(k)!r})" for k in diff[:3])
+        raise UserError(f"{run_dir} was trained with another config: {shown}" + (" …" if len(diff) > 3 else ""), fix)
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config saved in a run directory."""
     path = Path(run_dir) / "config.yaml"

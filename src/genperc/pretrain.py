@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from genperc.config import load_config
+from genperc.config import check_same_run, load_config
 from genperc.errors import UserError
 
 GENERATOR_PRESET = "world-generator"
@@ -95,6 +95,8 @@ def pretrain(out: str | Path, *, steps: int | None = None, world: str = "compact
         raise UserError(f"preset {preset!r} trains task {cfg.task!r}, not caption", f"use --preset {GENERATOR_PRESET}")
     run_dir = out / "run"
     resume = bool(list((run_dir / "checkpoints").glob("step-*")))
+    if resume:
+        check_same_run(run_dir, cfg, "use another --out, or the options and overrides it was trained with")
     _log(f"training text-to-image on scene captions: {cfg.train.steps} steps of {cfg.model.arch} → {run_dir}")
     Trainer(cfg, run_dir).train(resume=resume)
     record = export_generator(run_dir, out / "generator")

@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from genperc.config import MODEL_MODES, RunConfig, load_config, load_run_config
+from genperc.config import MODEL_MODES, RunConfig, check_same_run, load_config, load_run_config
 from genperc.errors import UserError
 from genperc.evaluation.baselines import DEFAULT_FIT_ITEMS
 from genperc.experiments.common import fmt_mean_std, machine_line, parse_choices
@@ -47,7 +47,6 @@ from genperc.experiments.common import fmt_mean_std, machine_line, parse_choices
 DEFAULT_MODES = ",".join(MODEL_MODES)
 EVAL_SEED = 0
 #: config keys that do not change what a run trains (left out of the check before resuming)
-BOOKKEEPING = ("sample.", "train.progress", "train.log_every", "data.num_workers")
 
 
 def parse_modes(modes: str) -> list[str]:
@@ -75,25 +74,6 @@ def run_config(base: RunConfig, mode: str, seed: int, steps: int, every: int) ->
                                                        f"train.checkpoint_every={every}", f"train.keep_checkpoints={keep}"])
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
-def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
-    """A :class:`UserError` when ``run_dir`` was trained with another config (sample settings aside)."""
-    saved = _flat(json.loads(json.dumps(load_run_config(run_dir).to_dict())))
-    wanted = _flat(json.loads(json.dumps(cfg.to_dict())))
-    diff = [k for k in sorted(set(saved) | set(wanted))
-            if not k.startswith(BOOKKEEPING) and saved.get(k) != wanted.get(k)]
-    if diff:
-        shown = ", ".join(f"{k}={saved.get(k)!r} (now {wanted.get(k)!r})" for k in diff[:3])
-        raise UserError(f"{run_dir} was trained with another config: {shown}" + (" …" if len(diff) > 3 else ""),
-                        "use another --out, or the preset, overrides, --steps and --every it was run with")
-
-
 def trained_step(run_dir: Path) -> int:
     """The step of the run's newest checkpoint (0 when it has none)."""
     from genperc.experiments.sampling import training_steps
@@ -108,7 +88,7 @@ def train_run(cfg: RunConfig, run_dir: Path, text_encoder, log=print) -> bool:
 
     done = trained_step(run_dir)
     if done:
-        check_same_run(run_dir, cfg)
+        check_same_run(run_dir, cfg, "use another --out, or the preset, overrides, --steps and --every it was run with")
     if done >= cfg.train.steps:
         return False
     log(f"{run_dir.name}: training steps {done}→{cfg.train.steps}" + (" (resumed)" if done else ""))
