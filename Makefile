@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # nothing more (an unpinned torch would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-slow bench lint fixtures world-generator clean
+.PHONY: install browser demo test test-slow bench lint fixtures world-generator clean
 
 install: $(STAMP)
 
@@ -22,8 +22,17 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/genperc demo --out demo
 
-test: install
-	$(BIN)/pytest -n 2 -q
+# The browser test (genperc serve in a real Chromium, driven by Playwright) needs Debian's chromium;
+# `playwright install` cannot download here, so the test launches this executable.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
+	  test -x $(CHROMIUM) || { echo "could not install chromium (apt-get install chromium) — the browser test needs it"; exit 2; }; }
+
+test: install browser
+	GENPERC_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -n 2 -q
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
