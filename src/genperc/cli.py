@@ -173,6 +173,25 @@ def predict(
 
 
 @app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A referring run directory written by `genperc train`."),
+    host: str = typer.Option("127.0.0.1", help="Address to serve on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, help="Port to serve on."),
+    split: str = typer.Option("test", help="Split of the run's data whose scenes the page offers."),
+    steps: int = typer.Option(None, help="Sampling steps (default: the run's sample.steps)."),
+    weights: str = typer.Option("ema", help="ema | model."),
+    captioner: str = typer.Option("scene", help="The agent's captioner."),
+    language_model: str = typer.Option("minilm", "--language-model", help="The agent's language model."),
+):
+    """The web page of ADDP §3.3: predict while watching the denoising, correct by typing or
+    clicking the wrongly chosen object, run the agent (a Gradio app, local and offline)."""
+    from genperc.interactive.web import serve as serve_page
+
+    serve_page(run_dir, host=host, port=port, split=split, steps=steps, weights=weights, captioner=captioner,
+               language_model=language_model)
+
+
+@app.command()
 def presets():
     """List the config presets shipped with genperc."""
     from genperc.config import PRESET_DIR, list_presets
