@@ -140,6 +140,31 @@ def sampling(run: LoadedRun, *, steps=None, sampler=None, spacing=None, eta=None
     return replace(sc, **changes), schedule
 
 
+def correction_guidance(run: LoadedRun, negatives: list[list[str]], *, text_scale: float,
+                        negative_scale: float, image_scale: float):
+    """ADDP's correctional guidance (§3.3, Eq. 5) for a batch of B images of a text-and-image run:
+    ``negatives[b]`` lists the negative descriptions D⁻ of image b (the same count K for every
+    image; K > 1 composes as the mean, see :class:`~genperc.diffusion.guidance.CorrectionalGuidance`).
+    ``text_scale`` = w_D, ``negative_scale`` = w_D⁻, ``image_scale`` = w_I."""
+    from genperc.diffusion.conditioning import Conditioning
+    from genperc.diffusion.guidance import CorrectionalGuidance
+
+    task = run.task
+    if not (task.uses_text and task.cond_channels) or run.text_encoder is None:
+        raise UserError(f"correctional guidance needs a text- and image-conditioned run; {run.run_dir} "
+                        f"({task.name}) is not", "use a referring run (InstructPix2Pix-style)")
+    counts = {len(n) for n in negatives}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"every image needs the same number (≥ 1) of negative descriptions, got {sorted(counts)}",
+                        "pass one D⁻ list per image, all of one length")
+    terms = []
+    for j in range(counts.pop()):
+        text, mask = run.text_encoder.encode([n[j].strip() for n in negatives])
+        terms.append(Conditioning(text=text.to(run.device), text_mask=mask.to(run.device)))
+    return CorrectionalGuidance(image_scale=image_scale, negative_scale=negative_scale, text_scale=text_scale,
+                                negative=tuple(terms))
+
+
 def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, spacing=None, eta=None,
                  ensemble: int = 1, limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None,
                  image_scale=None, out: str | Path | None = None, progress: bool = False, keep: int = 0,
