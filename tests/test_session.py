@@ -149,3 +149,23 @@ def test_session_errors_are_one_line(run, scene, tmp_path):
         CorrectionSession(run, scene.image.astype(np.float32))
     with pytest.raises(UserError, match="target_mask"):
         CorrectionSession(run, scene.image, target_mask=np.zeros((3, 3), bool))
+
+
+def test_predict_cli_corrects_with_several_negatives(run, scene, tmp_path, capsys):
+    from PIL import Image
+
+    from genperc.cli import main
+
+    png = tmp_path / "scene.png"
+    Image.fromarray(scene.image).save(png)
+    args = ["predict", str(run.run_dir), "--image", str(png), "--prompt", "the circle", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "fix"), "--correct", "the square", "--correct", "the red triangle",
+                 "--w-d", "4", "--w-dminus", "0.5"]) == 0
+    info = json.loads((tmp_path / "fix" / "prediction.json").read_text())
+    assert info["correction"] == {"negatives": ["the square", "the red triangle"], "w_d": 4.0, "w_dminus": 0.5,
+                                  "w_i": 1.5, "guidance": "ADDP Eq. 5"}
+    assert "correction" not in json.loads((tmp_path / "plain" / "prediction.json").read_text())
+    plain = np.asarray(Image.open(tmp_path / "plain" / "prediction_generated.png"))
+    fixed = np.asarray(Image.open(tmp_path / "fix" / "prediction_generated.png"))
+    assert plain.shape == fixed.shape and not np.array_equal(plain, fixed)
