@@ -239,6 +239,28 @@ def test_correctional_guidance_in_a_sampling_run_is_eq5_of_separate_calls(kind, 
         torch.testing.assert_close(out.trajectory.pred_x0[k], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_several_negatives_use_their_mean_and_one_negative_is_eq5():
+    """K negatives: ε(D⁻,I) of Eq. 5 becomes the mean of the K branches, computed by hand here;
+    the weights sum to 1 and K = 1 (a list of one) equals the single-negative form."""
+    g = torch.Generator().manual_seed(3)
+    e_d, n1, n2, n3, e_img, e_null = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(6))
+    cg = CorrectionalGuidance(image_scale=1.5, negative_scale=2.0, text_scale=5.0,
+                              negative=[NEG, _text(-1.0), _text(2.0, length=1)])
+    mean = (n1 + n2 + n3) / 3
+    expected = e_null + 1.5 * (e_img - e_null) + 2.0 * (mean - e_img) + 5.0 * (e_d - mean)
+    torch.testing.assert_close(cg.combine([e_d, n1, n2, n3, e_img, e_null]), expected)
+    assert sum(cg.weights()) == pytest.approx(1.0) and len(cg.weights()) == 6
+    single = CorrectionalGuidance(image_scale=1.5, negative_scale=2.0, text_scale=5.0, negative=NEG)
+    as_list = CorrectionalGuidance(image_scale=1.5, negative_scale=2.0, text_scale=5.0, negative=[NEG])
+    assert single.weights() == as_list.weights()
+    branches = cg.branches(_cond(), NULL)
+    assert len(branches) == 6 and torch.equal(branches[2].text, _text(-1.0).text)
+    with pytest.raises(ValueError, match="expects 6"):
+        cg.combine([e_d, n1, e_img, e_null])
+    with pytest.raises(UserError, match="negative"):
+        CorrectionalGuidance(negative=[])
+
+
 # ---- parity with diffusers' StableDiffusionInstructPix2PixPipeline on tiny random models ------
 
 

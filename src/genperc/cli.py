@@ -159,13 +159,20 @@ def predict(
     ensemble: int = typer.Option(1, help="Test-time ensemble size."),
     seed: int = typer.Option(0, help="Seed of the sampling noise."),
     weights: str = typer.Option("ema", help="ema | model."),
+    correct: list[str] = typer.Option(None, "--correct", help="A negative description D⁻ to guide away from (ADDP "
+                                      "Eq. 5, referring); repeat for several (their mean is used)."),
+    w_d: float = typer.Option(None, "--w-d", help="w_D: guidance towards the prompt (default: the run's text scale)."),
+    w_dminus: float = typer.Option(1.0, "--w-dminus", help="w_D⁻: weight of the negative branch (the paper "
+                                   "recommends w_D > w_D⁻)."),
+    w_i: float = typer.Option(None, "--w-i", help="w_I: image guidance (default: the run's image scale)."),
 ):
     """Predict on one image: depth (16-bit PNG), mask (PNG) or boxes (JSON), plus visualisations."""
     from genperc.inference import load_run, predict_files
 
     run = load_run(run_dir, weights=weights)
     paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, spacing=spacing,
-                                 ensemble=ensemble)
+                                 ensemble=ensemble, text_scale=w_d, image_scale=w_i, negatives=correct,
+                                 negative_scale=w_dminus)
     for note in notes:
         typer.echo(f"note: {note}")
     for path in paths:

@@ -140,6 +140,31 @@ def sampling(run: LoadedRun, *, steps=None, sampler=None, spacing=None, eta=None
     return replace(sc, **changes), schedule
 
 
+def correction_guidance(run: LoadedRun, negatives: list[list[str]], *, text_scale: float,
+                        negative_scale: float, image_scale: float):
+    """ADDP's correctional guidance (§3.3, Eq. 5) for a batch of B images of a text-and-image run:
+    ``negatives[b]`` lists the negative descriptions D⁻ of image b (the same count K for every
+    image; K > 1 composes as the mean, see :class:`~genperc.diffusion.guidance.CorrectionalGuidance`).
+    ``text_scale`` = w_D, ``negative_scale`` = w_D⁻, ``image_scale`` = w_I."""
+    from genperc.diffusion.conditioning import Conditioning
+    from genperc.diffusion.guidance import CorrectionalGuidance
+
+    task = run.task
+    if not (task.uses_text and task.cond_channels) or run.text_encoder is None:
+        raise UserError(f"correctional guidance needs a text- and image-conditioned run; {run.run_dir} "
+                        f"({task.name}) is not", "use a referring run (InstructPix2Pix-style)")
+    counts = {len(n) for n in negatives}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"every image needs the same number (≥ 1) of negative descriptions, got {sorted(counts)}",
+                        "pass one D⁻ list per image, all of one length")
+    terms = []
+    for j in range(counts.pop()):
+        text, mask = run.text_encoder.encode([n[j].strip() for n in negatives])
+        terms.append(Conditioning(text=text.to(run.device), text_mask=mask.to(run.device)))
+    return CorrectionalGuidance(image_scale=image_scale, negative_scale=negative_scale, text_scale=text_scale,
+                                negative=tuple(terms))
+
+
 def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None, spacing=None, eta=None,
                  ensemble: int = 1, limit: int | None = None, seed: int = 0, batch_size=None, text_scale=None,
                  image_scale=None, out: str | Path | None = None, progress: bool = False, keep: int = 0,
@@ -240,9 +265,12 @@ def prepare_image(image: np.ndarray, resolution: int) -> tuple[torch.Tensor, lis
 
 @torch.no_grad()
 def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, seed: int = 0, steps=None,
-            sampler=None, spacing=None, eta=None, ensemble: int = 1, text_scale=None, image_scale=None):
+            sampler=None, spacing=None, eta=None, ensemble: int = 1, text_scale=None, image_scale=None,
+            negatives: list[str] | None = None, negative_scale: float = 1.0):
     """One image (uint8 [H, W, 3]) and prompt → (prediction, generated target [3, r, r], notes).
-    Sampling settings: see :func:`sampling` (one image per sampler call, its ensemble members with it)."""
+    Sampling settings: see :func:`sampling` (one image per sampler call, its ensemble members with it).
+    ``negatives``: ADDP's correctional guidance (Eq. 5) away from these descriptions D⁻, with
+    w_D = the text scale, w_I = the image scale and w_D⁻ = ``negative_scale``."""
     from genperc.evaluation.evaluate import decode_members, sample_targets
 
     x, notes = prepare_image(image, run.resolution)
@@ -254,19 +282,24 @@ def predict(run: LoadedRun, image: np.ndarray, prompt: str | None = None, *, see
     generator = torch.Generator().manual_seed(seed)
     sample_cfg, schedule = sampling(run, steps=steps, sampler=sampler, spacing=spacing, eta=eta, batch_size=1,
                                     text_scale=text_scale, image_scale=image_scale)
+    guidance = None
+    if negatives:
+        guidance = correction_guidance(run, [list(negatives)] * ensemble, text_scale=sample_cfg.text_scale,
+                                       negative_scale=negative_scale, image_scale=sample_cfg.image_scale)
     members = sample_targets(run.model, run.task, task_batch, schedule=schedule, space=run.space,
                              text_encoder=run.text_encoder, sample_cfg=sample_cfg, generator=generator,
-                             device=run.device, ensemble=ensemble, mode=run.mode)
+                             device=run.device, ensemble=ensemble, mode=run.mode, guidance=guidance)
     pred = decode_members(run.task, members, batch, run.mode)
     return pred[0], members[0][0], notes
 
 
 def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, prompt: str | None = None, *,
                   seed: int = 0, steps=None, sampler=None, spacing=None, eta=None, ensemble: int = 1,
-                  stem: str = "prediction", text_scale=None, image_scale=None) -> tuple[list[Path], list[str]]:
+                  stem: str = "prediction", text_scale=None, image_scale=None, negatives: list[str] | None = None,
+                  negative_scale: float = 1.0) -> tuple[list[Path], list[str]]:
     """``genperc predict``: read the image, predict, write the task's files, the generated target
     image and ``<stem>.json`` (what was done: every sampling setting as used, the checkpoint and
-    the weights) into ``out``. Returns (paths, notes)."""
+    the weights, the correction when ``negatives`` are given) into ``out``. Returns (paths, notes)."""
     from genperc.evaluation.evaluate import check_ensemble, sample_settings
     from genperc.images import save_rgb, to_uint8, upscale
 
@@ -274,8 +307,15 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
                    image_scale=image_scale)
     sample_cfg, schedule = sampling(run, batch_size=1, **options)  # checks the settings before reading the image
     check_ensemble(ensemble, run.mode)
+    negatives = [n.strip() for n in negatives or [] if n.strip()]
+    if negatives and run.mode != "generative":
+        raise UserError("--correct guides the denoising process; a discriminative run has none",
+                        "use a generative referring run")
+    if negatives:
+        correction_guidance(run, [negatives], text_scale=1.0, negative_scale=1.0, image_scale=1.0)  # checks the run
     image, notes = load_image(image_path)
-    pred, generated, more = predict(run, image, prompt, seed=seed, ensemble=ensemble, **options)
+    pred, generated, more = predict(run, image, prompt, seed=seed, ensemble=ensemble, negatives=negatives,
+                                    negative_scale=negative_scale, **options)
     notes += more
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +324,9 @@ def predict_files(run: LoadedRun, image_path: str | Path, out: str | Path, promp
     info = {"image": str(image_path), "prompt": prompt, "task": run.task.name, "run": str(run.run_dir),
             "checkpoint": str(run.checkpoint), "weights": run.weights,
             **sample_settings(sample_cfg, schedule, ensemble, seed, run.mode), "files": [p.name for p in paths], "notes": notes}
+    if negatives:
+        info["correction"] = {"negatives": negatives, "w_d": sample_cfg.text_scale, "w_dminus": negative_scale,
+                              "w_i": sample_cfg.image_scale, "guidance": "ADDP Eq. 5"}
     if isinstance(pred, dict) and "subtask" in pred:
         info["subtask"] = pred["subtask"]
     meta = out / f"{stem}.json"

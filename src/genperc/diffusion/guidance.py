@@ -165,46 +165,51 @@ class CorrectionalGuidance:
     from D's — the branches are padded to one length when batched). With D⁻ = φ_D this is
     InstructPix2Pix guidance with s_T = w_D, s_I = w_I. The paper gives no weights (REFERENCE.md:
     unverified); the defaults are InstructPix2Pix's scales with w_D⁻ = 1.
-    Branches: [(D,I), (D⁻,I), (φ_D,I), (φ_D,φ_I)].
+
+    **Several negatives at once** (the paper uses one; a user may name several confusers in one
+    round): ``negative`` may be a sequence of K conditionings D⁻_1…D⁻_K, each its own branch, and
+    ε(D⁻,I) in Eq. 5 becomes their mean ε̄⁻ = (1/K)·Σ_j ε(D⁻_j,I). Each D⁻_j then carries weight
+    (w_D⁻ − w_D)/K, so the weights still sum to 1, K = 1 is Eq. 5 exactly, and the total push away
+    from the negatives does not grow with K.
+    Branches: [(D,I), (D⁻_1,I), …, (D⁻_K,I), (φ_D,I), (φ_D,φ_I)].
     """
 
     image_scale: float = 1.5
     negative_scale: float = 1.0
     text_scale: float = 7.5
-    negative: Conditioning | None = None
+    negative: Conditioning | tuple[Conditioning, ...] | None = None
 
     def __post_init__(self):
-        if self.negative is None or self.negative.text is None:
+        negatives = self.negatives
+        if not negatives or any(n is None or n.text is None for n in negatives):
             raise UserError("correctional guidance needs a negative description",
-                            "pass negative=Conditioning(text=..., text_mask=...) for D⁻")
+                            "pass negative=Conditioning(text=..., text_mask=...) for D⁻ (or a list of them)")
+
+    @property
+    def negatives(self) -> tuple[Conditioning, ...]:
+        """D⁻_1…D⁻_K (K = 1 for a single ``negative``)."""
+        if self.negative is None:
+            return ()
+        return (self.negative,) if isinstance(self.negative, Conditioning) else tuple(self.negative)
 
     def branches(self, cond: Conditioning, null: Conditioning | None) -> list[Conditioning]:
         b = _batch_size(cond)
         null = _require_null(null, "correctional guidance").broadcast_to_batch(b)
-        neg = self.negative.to(cond.text.device if cond.text is not None else "cpu").broadcast_to_batch(b)
+        device = cond.text.device if cond.text is not None else "cpu"
+        negs = [_null_text(n.to(device).broadcast_to_batch(b), "correctional guidance") for n in self.negatives]
         no_text = _null_text(null, "correctional guidance")
-        neg_text = _null_text(neg, "correctional guidance")
         no_image = _null_image(cond, null, "correctional guidance")
-        return [
-            cond,
-            cond.replace(**neg_text),
-            cond.replace(**no_text),
-            cond.replace(image=no_image, **no_text),
-        ]
+        return [cond, *(cond.replace(**n) for n in negs), cond.replace(**no_text),
+                cond.replace(image=no_image, **no_text)]
 
     def combine(self, preds: list[Tensor]) -> Tensor:
-        _check_branch_count(preds, 4, "CorrectionalGuidance")
-        e_d, e_neg, e_img, e_null = preds
-        return (
-            e_null
-            + self.image_scale * (e_img - e_null)
-            + self.negative_scale * (e_neg - e_img)
-            + self.text_scale * (e_d - e_neg)
-        )
+        _check_branch_count(preds, len(self.negatives) + 3, "CorrectionalGuidance")
+        return combine_weighted(preds, self.weights())
 
     def weights(self) -> list[float]:
-        """The affine weights on the 4 branches (they sum to 1)."""
-        return [self.text_scale, self.negative_scale - self.text_scale,
+        """The affine weights on the K + 3 branches (they sum to 1)."""
+        k = len(self.negatives)
+        return [self.text_scale, *[(self.negative_scale - self.text_scale) / k] * k,
                 self.image_scale - self.negative_scale, 1 - self.image_scale]
 
 

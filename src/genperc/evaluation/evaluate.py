@@ -67,7 +67,7 @@ def check_ensemble(ensemble, mode: str = "generative") -> None:
 
 
 def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sample_cfg, generator, device="cpu",
-                   ensemble: int = 1, mode: str = "generative") -> list[torch.Tensor]:
+                   ensemble: int = 1, mode: str = "generative", guidance=None, callback=None) -> list[torch.Tensor]:
     """Generate ``ensemble`` target images per item of a TaskBatch, in one sampler call.
 
     Returns a list of ``ensemble`` tensors [B, C, H, W] on the CPU, clamped to [-1, 1] unless the
@@ -78,7 +78,12 @@ def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sa
     ``mode="discriminative"`` (the run's ``model.mode``): no sampler — one forward at t = T−1 on
     x_T = 0 (:func:`genperc.models.discriminative.discriminative_forward`), the one member being
     the unclamped estimate x̂0 that ``task.decode_discriminative`` reads; nothing is drawn from
-    ``generator`` and ``sample_cfg`` is not used."""
+    ``generator`` and ``sample_cfg`` is not used.
+
+    ``guidance``: a :class:`~genperc.diffusion.guidance.Guidance` in place of the one the sample
+    settings imply (:func:`make_guidance`), e.g. ADDP's correctional guidance (Eq. 5);
+    ``callback``: passed to the sampler, called with every
+    :class:`~genperc.diffusion.sampler.TrajectoryStep` (the interactive session streams x̂0 with it)."""
     from genperc.diffusion.sampler import sample
 
     check_ensemble(ensemble, mode)
@@ -93,10 +98,11 @@ def sample_targets(model, task, task_batch, *, schedule, space, text_encoder, sa
         cond = cond.repeat(ensemble)
     shape = space.latent_shape((b * ensemble, *task_batch.x0.shape[1:]))
     noise = torch.randn(shape, generator=generator).to(device)
-    guidance = make_guidance(task, sample_cfg.text_scale, sample_cfg.image_scale)
+    if guidance is None:
+        guidance = make_guidance(task, sample_cfg.text_scale, sample_cfg.image_scale)
     out = sample(model, noise, cond, schedule=schedule, sampler=sample_cfg.sampler, num_steps=sample_cfg.steps,
                  guidance=guidance, null_cond=null_conditioning(text_encoder, device), eta=sample_cfg.eta,
-                 generator=generator)
+                 generator=generator, callback=callback)
     x0 = space.decode(out.sample, clamp=False).float().cpu()
     if not getattr(task, "clamps_own_decode", False):
         x0 = x0.clamp(-1, 1)

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from genperc.atomic import atomic_write_text
 from genperc.config import load_config
 from genperc.errors import UserError
 from genperc.experiments.common import fmt_mean_std, machine_line
@@ -259,9 +260,7 @@ def _score_discriminative(run, job: dict) -> dict:
 
 
 def _save_result(path: Path, result: dict) -> dict:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=1, default=float))
     return result
 
 

@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from genperc.atomic import atomic_write_text
 from genperc.config import MODEL_MODES, RunConfig, check_same_run, load_config, load_run_config
 from genperc.errors import UserError
 from genperc.evaluation.baselines import DEFAULT_FIT_ITEMS
@@ -104,9 +105,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=float))
 
 
 def _stamp(checkpoint: Path) -> int:
