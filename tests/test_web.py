@@ -84,6 +84,24 @@ def test_display_enlarges_small_images_and_clicks_map_back():
     assert red[: 2 * k, : 3 * k].all() and red.sum() == 2 * k * 3 * k
 
 
+def test_pictures_are_files_named_by_content_written_once(monkeypatch):
+    pictures = web.Pictures()
+    a, b = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 9, np.uint8)
+    first = pictures(a)
+    assert pictures(a) == first and pictures(b) != first
+    assert np.array_equal(np.asarray(Image.open(first)), a)
+    monkeypatch.setattr(web.Pictures, "keep", 2)
+    pictures(np.ones((4, 4, 3), np.uint8))
+    assert len(list(pictures.dir.glob("*.png"))) == 2
+
+
+def test_large_uploads_are_reduced_for_the_page():
+    image = np.zeros((3000, 1500, 3), np.uint8)
+    small, notes = web.reduce(image)
+    assert small.shape == (1024, 512, 3) and notes == ["reduced from 1500x3000 to 512x1024 for the page"]
+    assert web.reduce(small) == (small, [])
+
+
 def test_scene_target_and_labels():
     scene = ToyShapes(size=1, resolution=16, split="test")[0]
     e = scene.expressions[0]
@@ -92,7 +110,7 @@ def test_scene_target_and_labels():
     view = SimpleNamespace(index=2, num_steps=4, timestep=249)
     assert web.step_label(view) == "step 3/4, t=249"
     rnd = SimpleNamespace(kind="correct", expression="the disc", negatives=["the square"], iou=0.5, seed=1)
-    assert web.describe_round(2, rnd) == "2. correct: “the disc”, D⁻ = “the square”, IoU 0.50, seed 1"
+    assert web.describe_round(2, rnd) == "round 2 (correct): “the disc”, D⁻ = “the square”, IoU 0.50, seed 1"
 
 
 def test_streamed_yields_each_step_then_the_result_and_reraises():
@@ -177,12 +195,12 @@ def test_page_streams_predict_corrects_undoes_and_exports(served):
     assert len({s.split("t=")[1] for s in steps}) == STEPS, "one streamed update per denoising step"
     assert all(isinstance(u["Image and mask: click the object the model wrongly chose"], str) for u in updates)
     final = updates[-1]
-    assert final["Message"].startswith(f"1. predict: “{texts[0]}”, IoU ") and "denoiser calls" in final["Message"]
+    assert final["Message"].startswith(f"round 1 (predict): “{texts[0]}”, IoU ") and "denoiser calls" in final["Message"]
     assert len(final["Rounds"]) == 1
 
     final = page.call("/correct", f"{texts[1]}, {texts[2]}", texts[0], 3.0, 1.5, 1.0, 1)
-    assert final["Message"].startswith(f"2. correct: “{texts[0]}”, D⁻ = “{texts[1]}”, “{texts[2]}”, IoU ")
-    assert [r["caption"].split(":")[0] for r in final["Rounds"]] == ["1. predict", "2. correct"]
+    assert final["Message"].startswith(f"round 2 (correct): “{texts[0]}”, D⁻ = “{texts[1]}”, “{texts[2]}”, IoU ")
+    assert [r["caption"].split(":")[0] for r in final["Rounds"]] == ["round 1 (predict)", "round 2 (correct)"]
 
     undone = page.call("/undo")
     assert undone["Message"] == "undid round 2 (correct)" and len(undone["Rounds"]) == 1
@@ -203,7 +221,7 @@ def test_page_says_what_is_wrong_in_one_line(served, tmp_path):
         message = page.call("/upload", handle_file(str(tmp_path / name)))["Message"]
         assert message.startswith(f"⚠️ {needle}") and "\n" not in message and "Traceback" not in message
     assert page.call("/load_scene", 99)["Message"] == "⚠️ there is no scene 99 — pick a scene number from 0 to 5"
-    page.call("/load_scene", 0)
+    page.call("/load_scene", 0)  # this browser session's state: none of the other test's rounds
     assert page.call("/correct", " , ", "the disc", 3.0, 1.0, 1.0, 0)["Message"].startswith("⚠️ no D⁻")
     assert page.call("/undo")["Message"].startswith("⚠️ nothing to undo")
 
@@ -218,3 +236,44 @@ def test_page_uploads_an_image(served, tmp_path):
     assert shown["Expressions of this scene"]["visible"] is False
     updates = page.stream("/predict", "the gray square", 0)
     assert len(updates) == STEPS + 1 and "IoU" not in updates[-1]["Message"]
+
+
+def test_page_runs_the_agent_and_shows_its_reasoning(served):
+    page = Page(served[1])
+    scene = ToyShapes(size=6, resolution=16, split="test")[0]
+    page.call("/load_scene", 0)
+    updates = page.stream("/agent", scene.expressions[0].text, 2, 3.0, 1.0, 1.0, 0)
+    steps = [u["Step"] for u in updates if isinstance(u["Step"], str) and u["Step"].startswith("step ")]
+    assert len(steps) == 2 * STEPS, "the prediction it builds on, then the k members' batched run"
+    final = updates[-1]
+    assert final["Message"].startswith(f"round 2 (agent): “{scene.expressions[0].text}”, D⁻ = ")
+    reasoning = final["Agent's reasoning"]
+    assert all(f"**{part}**" in reasoning for part in ("Caption", "Prompt", "Language model's answer",
+                                                       "Confusers (k = 2)", "Vote"))
+    shown = final["Agent: the k corrected masks and their vote"]
+    assert [m["caption"].split(" = ")[0] for m in shown] == ["D⁻", "D⁻", "the vote"]
+    assert [r["caption"].split(":")[0] for r in final["Rounds"]] == ["round 1 (predict)", "round 2 (agent)"]
+
+
+def test_without_the_agent_its_button_is_hidden(served, monkeypatch):
+    import sys
+
+    import genperc.interactive
+
+    monkeypatch.setitem(sys.modules, "genperc.interactive.agent", None)  # as if it were not installed
+    monkeypatch.delattr(genperc.interactive, "agent", raising=False)
+    agent, why = web.load_agent()
+    assert agent is None and why.startswith("the agent is not available")
+    page = web.Page(served[0], ToyShapes(size=2, resolution=16, split="test"), agent=None, agent_note=why)
+    demo = page.build()
+    assert page.agent_btn.visible is False and page.agent_md.value == why
+    assert "agent" not in {d.api_name for d in demo.fns.values()}
+
+
+def test_serve_command(capsys):
+    from genperc.cli import main
+
+    assert main(["serve", "--help"]) == 0
+    assert "--language-model" in capsys.readouterr().out
+    assert main(["serve", "/no/such/run"]) == 2
+    assert "/no/such/run" in capsys.readouterr().err

@@ -26,7 +26,9 @@ the page (:class:`~genperc.errors.UserError`), never a traceback.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import io
 import math
 import os
 import queue
@@ -48,6 +50,7 @@ from genperc.interactive.session import CorrectionSession, StepView  # noqa: E40
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # also Gradio's max_file_size: larger uploads never reach a handler
 MAX_SIDE = 4096  # the resolution limit of an uploaded image, in pixels on its longer side
+WORK_SIDE = 1024  # larger uploads are reduced to this (the model sees 16-128 px; the page stays fast)
 DISPLAY_SIDE = 320  # small images are enlarged (nearest) to at least this on their shorter side
 THUMBNAILS = 12  # held-out scenes in the gallery (any other scene of the split: by its number)
 QUEUE_SIZE = 16  # waiting events beyond this are refused ("queue full")
@@ -86,15 +89,28 @@ def read_upload(path: str | Path, *, max_bytes: int = MAX_UPLOAD_BYTES,
         raise UserError(e.problem.replace(str(path), path.name), e.fix) from None
 
 
+def reduce(image: np.ndarray, side: int = WORK_SIDE) -> tuple[np.ndarray, list[str]]:
+    """``image`` reduced (Lanczos, aspect kept) to at most ``side`` pixels on its longer side."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= side:
+        return image, []
+    s = side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+    return small, [f"reduced from {w}x{h} to {size[0]}x{size[1]} for the page"]
+
+
 def display_factor(image: np.ndarray) -> int:
     """How many display pixels one image pixel becomes: small images are enlarged (nearest) to
     at least :data:`DISPLAY_SIDE` on their shorter side; larger ones are shown as they are."""
     return max(1, math.ceil(DISPLAY_SIDE / max(1, min(image.shape[:2]))))
 
 
-def enlarge(image: np.ndarray, factor: int | None = None) -> np.ndarray:
-    """``image`` enlarged by ``factor`` (default :func:`display_factor`), nearest neighbour."""
-    k = display_factor(image) if factor is None else factor
+def enlarge(image: np.ndarray) -> np.ndarray:
+    """``image`` enlarged by :func:`display_factor`, nearest neighbour."""
+    k = display_factor(image)
     return image.repeat(k, 0).repeat(k, 1) if k > 1 else image
 
 
@@ -140,7 +156,7 @@ def step_label(view: StepView) -> str:
 
 def describe_round(number: int, rnd) -> str:
     """One round in a line: its kind, D, D⁻, IoU (when the target is known) and seed."""
-    parts = [f"{number}. {rnd.kind}: “{rnd.expression}”"]
+    parts = [f"round {number} ({rnd.kind}): “{rnd.expression}”"]
     if rnd.negatives:
         parts.append("D⁻ = " + ", ".join(f"“{n}”" for n in rnd.negatives))
     if rnd.iou is not None:
@@ -150,15 +166,53 @@ def describe_round(number: int, rnd) -> str:
 
 
 def agent_reasoning(info: dict) -> str:
-    """The agent's reasoning (``Round.agent``) as Markdown: caption, prompt, answer, confusers, vote."""
+    """The agent's reasoning (``Round.agent``) as Markdown: caption, prompt, the language model's
+    answer, the confusers it yields (at most k), the vote rule and the agent's summary."""
     confusers = ", ".join(f"“{c}”" for c in info.get("confusers", [])) or "none"
     return "\n\n".join([
         f"**Caption** — {info.get('caption', '')}",
         f"**Prompt** — {info.get('prompt', '')}",
         f"**Language model's answer** — {info.get('answer', '')}",
-        f"**Confusers (k = {info.get('k', len(info.get('confusers', [])))})** — {confusers}",
+        f"**Confusers (k = {info.get('k', '?')})** — {confusers}",
         f"**Vote** — {info.get('vote', '')}",
-    ])
+        info.get("reasoning", ""),
+    ]).strip()
+
+
+class Pictures:
+    """Displayed images as PNG files named by their content, each written once (atomically).
+
+    Gradio rewrites the cache file of an image handed over as an array on every update, so a
+    browser fetching the identical picture of the previous step can read a truncated file; a file
+    path it copies once, atomically. Only the newest :attr:`keep` files stay (Gradio has its copy)."""
+
+    keep = 512
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="genperc-serve-"))
+        self.lock = threading.Lock()
+
+    def __call__(self, image: np.ndarray) -> str:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="png")
+        data = buffer.getvalue()
+        path = self.dir / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        with self.lock:
+            if path.exists():
+                os.utime(path)  # newest again: pruning keeps it
+            else:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+                self._prune()
+        return str(path)
+
+    def _prune(self) -> None:
+        files = sorted(self.dir.glob("*.png"), key=lambda f: f.stat().st_mtime)
+        for old in files[: max(0, len(files) - self.keep)]:
+            old.unlink(missing_ok=True)
 
 
 _DONE = object()
@@ -220,6 +274,7 @@ class Page:
     def __init__(self, run, source, *, steps: int | None = None, agent=None, agent_note: str | None = None):
         self.run, self.source, self.steps = run, source, steps
         self.agent, self.agent_note = agent, agent_note
+        self.picture = Pictures()
 
     # ---------------------------------------------------------------- layout
 
@@ -267,18 +322,19 @@ class Page:
                         self.w_i = gr.Slider(0, max(10.0, sample.image_scale), value=sample.image_scale, step=0.1,
                                              label="w_I: image guidance")
                         self.seed = gr.Number(0, precision=0, label="Seed")
-            self.rounds = gr.Gallery(label="Rounds", columns=6, height=260, format="png", buttons=BUTTONS,
+                        self.k = gr.Slider(1, 6, value=3, step=1, label="Agent: k confusers", visible=self.agent is not None)
+            self.rounds = gr.Gallery(label="Rounds", columns=6, height="auto", format="png", buttons=BUTTONS,
                                      elem_id="rounds")
             with gr.Row():
                 self.agent_md = gr.Markdown(self.agent_note or "", label="Agent's reasoning", elem_id="agent-reasoning")
                 self.agent_gallery = gr.Gallery(label="Agent: the k corrected masks and their vote", columns=4,
-                                                height=260, format="png", buttons=BUTTONS, elem_id="agent-masks")
+                                                height="auto", format="png", buttons=BUTTONS, elem_id="agent-masks")
             self.history_file = gr.File(label="History (JSON)", interactive=False, elem_id="history")
             self._events()
         return demo
 
     def _events(self) -> None:
-        outputs = [self.state, self.gallery, self.scene_number, self.view, self.x0_view, self.step_md, self.message,
+        outputs = [self.state, self.gallery, self.scene_number, self.upload_box, self.view, self.x0_view, self.step_md, self.message,
                    self.expressions, self.expression, self.negatives, self.rounds, self.agent_md, self.agent_gallery,
                    self.history_file]
         weights = [self.w_d, self.w_dminus, self.w_i, self.seed]
@@ -292,7 +348,8 @@ class Page:
         on(self.correct_btn.click, self.correct, [self.negatives, self.expression, *weights, self.state],
            api_name="correct", **MODEL)
         if self.agent is not None:
-            on(self.agent_btn.click, self.run_agent, [self.expression, *weights, self.state], api_name="agent", **MODEL)
+            on(self.agent_btn.click, self.run_agent, [self.expression, self.k, *weights, self.state], api_name="agent",
+               **MODEL)
         on(self.undo_btn.click, self.undo, [self.state], api_name="undo", **MODEL)  # not while a round runs
         on(self.export_btn.click, self.export, [self.state], api_name="export")
 
@@ -301,10 +358,12 @@ class Page:
         event(self._friendly(handler), inputs, outputs, api_name=api_name, api_visibility=visibility,
               show_progress="minimal", **options)
 
+    def _warn(self, e: UserError) -> dict:
+        return {self.message: f"⚠️ {e}"}
+
     def _friendly(self, handler):
         """``handler`` with a :class:`UserError` shown as the one-line message (generators too)."""
-        def message(e: UserError) -> dict:
-            return {self.message: f"⚠️ {e}"}
+        message = self._warn
 
         if inspect.isgeneratorfunction(handler):
             @functools.wraps(handler)
@@ -337,7 +396,7 @@ class Page:
         """A new session on ``image``: the page shows it, with no rounds and its expressions."""
         session = CorrectionSession(self.run, image, scene=scene, steps=self.steps)
         texts = list(dict.fromkeys(e.text for e in (scene.expressions if scene is not None else [])))
-        return {self.state: session, self.view: overlay(image), self.x0_view: None, self.step_md: "",
+        return {self.state: session, self.view: self.shown(image), self.x0_view: None, self.step_md: "",
                 self.message: "; ".join(notes), self.rounds: [], self.negatives: "", self.agent_md: "",
                 self.agent_gallery: [], self.history_file: None,
                 self.expressions: gr.update(choices=texts, value=None, visible=bool(texts))}
@@ -359,9 +418,14 @@ class Page:
         """An uploaded image (checked by :func:`read_upload`); no annotations, so no clicks."""
         if path is None:
             return {}
-        image, notes = read_upload(path)
+        try:
+            image, notes = read_upload(path)
+        except UserError as e:
+            return {**self._warn(e), self.upload_box: None}  # the box is ready for the next file
         h, w = image.shape[:2]
-        return self._fresh(image, None, [f"uploaded {Path(path).name} ({w}x{h})", *notes])
+        image, reduced = reduce(image)
+        return {**self._fresh(image, None, [f"uploaded {Path(path).name} ({w}x{h})", *notes, *reduced]),
+                self.upload_box: None}
 
     def choose_expression(self, text) -> dict:
         return {self.expression: text or ""}
@@ -395,47 +459,48 @@ class Page:
         yield from self._stream(session, lambda cb: session.correct(
             phrases, expression=expression, w_d=w_d, w_dminus=w_dminus, w_i=w_i, seed=int(seed or 0), callback=cb))
 
-    def run_agent(self, expression, w_d, w_dminus, w_i, seed, session):
-        """The agentic workflow (§3.3): its k members stream as one batched run, then the vote."""
+    def run_agent(self, expression, k, w_d, w_dminus, w_i, seed, session):
+        """The agentic workflow (§3.3), streamed: the prediction it builds on (unless this
+        expression was predicted already), then its k corrections as one batched run (member 0
+        shown), then the vote, the reasoning and the k member masks."""
         session = self._require(session)
         expression = (expression or "").strip() or (session.last.expression if session.last else "")
         if not expression:
             raise UserError("no expression", "type what to segment first")
         session.target_mask = scene_target(session.scene, expression)
+        members: dict = {}
         yield from self._stream(session, lambda cb: self.agent(
-            session, expression, w_d=w_d, w_dminus=w_dminus, w_i=w_i, seed=int(seed or 0), callback=cb))
+            session, expression, k=int(k), w_d=w_d, w_dminus=w_dminus, w_i=w_i, seed=int(seed or 0), callback=cb,
+            on_members=lambda confusers, masks: members.update(zip(confusers, masks, strict=True))), members)
 
-    def _stream(self, session: CorrectionSession, call):
+    def _stream(self, session: CorrectionSession, call, members: dict | None = None):
         """Page updates while ``call(callback)`` runs: x̂0, mask and step label at every step, then
-        the finished round (its mask, the rounds gallery, a summary; the agent's reasoning)."""
+        the finished round (its mask, the rounds gallery, a summary; an agent's reasoning and its
+        ``members``, {D⁻: mask})."""
         for item in streamed(call):
             if isinstance(item, StepView):
-                yield {self.view: overlay(session.image, item.mask), self.x0_view: enlarge(item.x0_image),
-                       self.step_md: step_label(item)}
+                yield {self.view: self.shown(session.image, item.mask),
+                       self.x0_view: self.picture(enlarge(item.x0_image)), self.step_md: step_label(item)}
             else:
-                yield self._shown_round(session, item)
+                yield self._shown_round(session, item, members or {})
 
-    def _shown_round(self, session: CorrectionSession, rnd) -> dict:
+    def _shown_round(self, session: CorrectionSession, rnd, members: dict) -> dict:
         number = len(session.history)
-        out = {self.view: overlay(session.image, rnd.mask), self.x0_view: enlarge(rnd.generated),
+        out = {self.view: self.shown(session.image, rnd.mask), self.x0_view: self.picture(enlarge(rnd.generated)),
                self.rounds: self._rounds(session),
                self.message: f"{describe_round(number, rnd)}; {rnd.denoiser_calls} denoiser calls, {rnd.seconds:.1f} s"}
         if rnd.agent is not None:
             out[self.agent_md] = agent_reasoning(rnd.agent)
-            out[self.agent_gallery] = self._agent_masks(session, rnd)
+            out[self.agent_gallery] = [*[(self.shown(session.image, m), f"D⁻ = “{c}”") for c, m in members.items()],
+                                       (self.shown(session.image, rnd.mask), "the vote")]
         return out
 
-    @staticmethod
-    def _rounds(session: CorrectionSession) -> list:
-        return [(overlay(session.image, r.mask), describe_round(i, r)) for i, r in enumerate(session.history, 1)]
+    def shown(self, image: np.ndarray, mask: np.ndarray | None = None) -> str:
+        """:func:`overlay` as a file for the page (:class:`Pictures`)."""
+        return self.picture(overlay(image, mask))
 
-    @staticmethod
-    def _agent_masks(session: CorrectionSession, rnd) -> list:
-        """The agent's k corrected masks (one per confuser) and the voted mask."""
-        members = [m for m in rnd.agent.get("members", []) if isinstance(m, np.ndarray)]
-        confusers = rnd.agent.get("confusers", [])
-        shown = [(overlay(session.image, m), f"D⁻ = “{c}”") for m, c in zip(members, confusers, strict=False)]
-        return [*shown, (overlay(session.image, rnd.mask), f"vote: {rnd.agent.get('vote', '')}")]
+    def _rounds(self, session: CorrectionSession) -> list:
+        return [(self.shown(session.image, r.mask), describe_round(i, r)) for i, r in enumerate(session.history, 1)]
 
     # ---------------------------------------------------------------- clicks, undo, export
 
@@ -443,9 +508,6 @@ class Page:
         """A click on the image: the instance under it, by its shortest unique description, joins D⁻."""
         session = self._require(session)
         x, y = click_pixel(evt.index, session.image)
-        if session.scene is None or session.scene.instances is None:
-            raise UserError("this image has no instance annotations to resolve a click",
-                            "type what the model wrongly chose into D⁻")
         phrase = session.describe_click(x, y)
         if phrase is None:
             raise UserError(f"no object at pixel ({x}, {y})", "click on the object the model wrongly chose")
@@ -458,8 +520,8 @@ class Page:
         if gone is None:
             raise UserError("nothing to undo", "predict first")
         last = session.last
-        return {self.view: overlay(session.image, last.mask if last else None),
-                self.x0_view: enlarge(last.generated) if last else None, self.rounds: self._rounds(session),
+        return {self.view: self.shown(session.image, last.mask if last else None),
+                self.x0_view: self.picture(enlarge(last.generated)) if last else None, self.rounds: self._rounds(session),
                 self.message: f"undid round {len(session.history) + 1} ({gone.kind})"}
 
     def export(self, session) -> dict:
@@ -491,12 +553,14 @@ def build_app(run, *, split: str = "test", source=None, steps: int | None = None
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
            prevent_thread_lock: bool = False, quiet: bool = False):
     """Serve ``demo`` locally: one bounded queue, the upload size limit, never a share link, no
-    server-side rendering (it would need Node) and nothing that calls out. Returns Gradio's
+    server-side rendering (it would need Node), no run history (its page offers a Hugging Face
+    bucket) and nothing that calls out. Returns Gradio's
     ``(app, local_url, share_url)``; blocks unless ``prevent_thread_lock``."""
     demo.queue(max_size=QUEUE_SIZE)
     return demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
                        max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
-                       ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False)
+                       ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, run_history=False,
+                       footer_links=["api", "settings"])
 
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 7860, split: str = "test",
