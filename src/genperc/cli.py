@@ -105,6 +105,10 @@ def eval_(
                                    "same items (fitted on the run's training split); printed under the model's "
                                    "metrics and written to metrics.json under \"baselines\"."),
     baseline_fit_items: int = typer.Option(500, help="Training items the baselines are fitted on (at most)."),
+    correction: str = typer.Option("none", help="none | oracle | agent: also correct each prediction with ADDP's "
+                                   "correctional guidance (referring; ADDP Table 3), D⁻ from an oracle user "
+                                   "(the object the mask wrongly covers) or the agent."),
+    rounds: int = typer.Option(2, help="Rounds with --correction oracle (1 = the model alone)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
 ):
     """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
@@ -112,6 +116,9 @@ def eval_(
 
     run = load_run(run_dir, weights=weights, overrides=list(overrides or []), checkpoint=checkpoint)
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
+    if correction != "none":
+        return _eval_corrections(run, split, out, correction=correction, rounds=rounds, limit=limit, seed=seed,
+                                 w_d=text_scale, w_i=image_scale)
     evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
                               limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
                               image_scale=image_scale, out=out, resolution=resolution, progress=True,
@@ -127,6 +134,22 @@ def eval_(
         _echo_baselines(run.task, evaluation, settings)
     typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
+
+
+def _eval_corrections(run, split, out, **options) -> None:
+    """``genperc eval --correction``: rounds scored per family, written as corrections.json/.csv."""
+    from genperc.interactive.benchmark import evaluate_corrections
+
+    if options["correction"] not in ("oracle", "agent"):
+        raise UserError(f"unknown --correction {options['correction']!r}", "use none, oracle or agent")
+    result = evaluate_corrections(run, split, progress=True, **options)
+    summary = result.summary()
+    typer.echo(f"{run.task.name} on {split} ({len(result.rows)} expressions, correction by the "
+               f"{options['correction']}, {result.settings['seconds']:.0f} s):")
+    for arm in result.arms():
+        typer.echo(f"  {arm:<10} oIoU {summary[f'{arm}/oIoU']:.4f}  mIoU {summary[f'{arm}/mIoU']:.4f}  "
+                   f"{summary[f'{arm}/calls']:.0f} denoiser calls / image")
+    typer.echo(f"wrote {result.write(out)}")
 
 
 def _echo_baselines(task, evaluation, settings) -> None:
