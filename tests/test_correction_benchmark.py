@@ -27,6 +27,7 @@ def test_the_oracle_names_the_object_the_mask_wrongly_covers_most():
     mask[2, 4] = True  # a tie, 3 and 3: the lower instance id
     assert wrong_object(scene, mask, [1]) == 2
     assert wrong_object(scene, mask, [1, 2]) == 3
+    assert wrong_object(scene, mask, [1], named=[2]) == 3 and wrong_object(scene, mask, [1], named=[2, 3]) is None
 
 
 @pytest.mark.parametrize("threshold", [50, 442])

@@ -4,8 +4,8 @@ expression family on held-out scenes.
 
 * **Oracle user**: D⁻ = the shortest unique description of the object the previous round's mask
   wrongly covers most (the non-target instance with the most predicted pixels; ties: the lower
-  instance id); when the mask covers no other object the user has nothing to correct and the round
-  keeps the previous mask at no cost. Round r + 1 adds its D⁻ to the negatives of round r (several
+  instance id) among those not named yet; when the mask covers no other object the user has nothing
+  to correct and the round keeps the previous mask at no cost. Round r + 1 adds its D⁻ to the negatives of round r (several
   negatives compose as their mean, :class:`~genperc.diffusion.guidance.CorrectionalGuidance`), so
   rounds 1 → 2 → 3 is the multi-round interaction of Fig. 1c.
 * **Agent**: caption → language model → k corrections in one batched run → pixel vote
@@ -37,10 +37,12 @@ CORRECTIONS = ("none", "oracle", "agent")
 DEFAULT_GRID = ((1.5, 1.0), (3.0, 1.0), (5.0, 1.0), (3.0, 3.0), (1.5, 3.0), (3.0, 0.0))
 
 
-def wrong_object(scene, mask: np.ndarray, target_ids: list[int]) -> int | None:
-    """The instance the mask wrongly covers most (None when it covers no other object)."""
+def wrong_object(scene, mask: np.ndarray, target_ids: list[int], named=()) -> int | None:
+    """The instance the mask wrongly covers most, leaving out those already ``named`` as D⁻
+    (None when it covers no other object)."""
     ids, counts = np.unique(scene.instances[np.asarray(mask, dtype=bool)], return_counts=True)
-    best = [(c, -i) for i, c in zip(ids.tolist(), counts.tolist(), strict=True) if i != 0 and i not in target_ids]
+    skip = {0, *target_ids, *named}
+    best = [(c, -i) for i, c in zip(ids.tolist(), counts.tolist(), strict=True) if i not in skip]
     return -max(best)[1] if best else None
 
 
@@ -154,17 +156,17 @@ def evaluate_corrections(run: LoadedRun, split: str = "test", *, correction: str
 
 def _oracle_rounds(session, scene, target_ids, target, row, rounds, w_d, w_dminus, w_i, grid) -> None:
     negatives: list[str] = []
+    named: list[int] = []
     mask = session.last.mask
     first_wrong = wrong_object(scene, mask, target_ids)
     for r in range(2, rounds + 1):
-        wrong = wrong_object(scene, mask, target_ids)
+        wrong = wrong_object(scene, mask, target_ids, named)
         calls, seconds = 0, 0.0
         if wrong is not None:
-            text = unique_description(scene, wrong)
-            if text not in negatives:
-                negatives.append(text)
-                done = session.correct(list(negatives), w_d=w_d, w_dminus=w_dminus, w_i=w_i)
-                mask, calls, seconds = done.mask, done.denoiser_calls, done.seconds
+            named.append(wrong)
+            negatives.append(unique_description(scene, wrong))
+            done = session.correct(list(negatives), w_d=w_d, w_dminus=w_dminus, w_i=w_i)
+            mask, calls, seconds = done.mask, done.denoiser_calls, done.seconds
         _score(row, f"round{r}", mask, target, calls, seconds)
         row[f"round{r}/negatives"] = "; ".join(negatives)
     for gd, gn in grid:
