@@ -88,3 +88,17 @@ def test_table3_has_a_row_per_arm_and_mean_std_over_runs(tmp_path):
     assert "| + oracle user, round 2 | 75.0 ± 17.7 | 75.0 ± 35.4 | 75.0 ± 0.0 | 12 ± 0 |" in text
     assert "| model alone (round 1) | 25.0 ± 0.0 |" in text
     assert json.loads((tmp_path / "results.json").read_text())["summaries"]["a"]["oracle"]["round2/oIoU"] == 0.625
+
+
+def test_experiment_correct_writes_table3_and_reuses_saved_evaluations(referring_run, tmp_path, capsys, monkeypatch):
+    args = ["experiment", "correct", str(referring_run.run_dir), "--no-agent", "--limit", "2", "--rounds", "2",
+            "--grid", "3:1,1:3", "-o", str(tmp_path)]
+    assert main(args) == 0
+    text = (tmp_path / "tables.md").read_text()
+    assert "| model alone (round 1) |" in text and "| + oracle user, round 2 |" in text
+    assert "| w_D = 3, w_D⁻ = 1 |" in text and "| w_D = 1, w_D⁻ = 3 |" in text
+    import genperc.interactive.benchmark as bench
+
+    monkeypatch.setattr(bench, "evaluate_corrections", lambda *a, **k: pytest.fail("saved result not reused"))
+    assert main(args) == 0 and (tmp_path / "tables.md").read_text() == text
+    assert main(["experiment", "correct", str(referring_run.run_dir), "--grid", "3-1"]) == 2

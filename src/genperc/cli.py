@@ -39,7 +39,33 @@ def _mount_subapps() -> None:
     app.add_typer(analyze_app, name="analyze", help="ADDP analyses: per-step curves, contribution factors c_t², augmentation figures.")
     from genperc.experiments import app as experiment_app
 
+    experiment_app.command("correct")(_experiment_correct)
     app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep); few-step sampling.")
+
+
+def _experiment_correct(
+    runs: list[Path] = typer.Argument(..., help="Referring run directories, one per training seed (mean ± std)."),
+    out: Path = typer.Option(Path("runs/addp-correct"), "--out", "-o", help="Output directory (tables.md)."),
+    split: str = typer.Option("test", help="Held-out split of the runs' data."),
+    limit: int = typer.Option(160, help="Expressions per run (the split's first N)."),
+    rounds: int = typer.Option(3, help="Oracle rounds (1 → 2 → 3)."),
+    grid: str = typer.Option("1.5:1,3:1,5:1,3:3,1.5:3,3:0", help="(w_D, w_D⁻) cells at oracle round 2, "
+                             "w_D:w_D⁻ comma-separated; include w_D ≤ w_D⁻ to cross the paper's recommendation."),
+    agent: bool = typer.Option(True, "--agent/--no-agent", help="Also correct with the agent."),
+    k: int = typer.Option(3, help="Confusers the agent corrects and votes over."),
+    captioner: str = typer.Option("scene", help="Agent captioner: scene | transformers:DIR | openai:URL#MODEL."),
+    language_model: str = typer.Option("minilm", help="Agent language model: minilm | transformers:DIR | "
+                                       "openai:URL#MODEL."),
+    seed: int = typer.Option(0, help="Seed of the sampling noise (every round reuses it)."),
+):
+    """ADDP Table 3: the model alone vs + correctional guidance by the agent and by an oracle user
+    (rounds, weight grid), by expression family, with the cost per image."""
+    from genperc.interactive.benchmark import parse_grid, run_table3
+
+    path = run_table3(runs, out, split=split, limit=limit, rounds=rounds, grid=parse_grid(grid), agent=agent, k=k,
+                      seed=seed, captioner=captioner, language_model=language_model)
+    typer.echo(path.read_text())
+    typer.echo(f"wrote {path}")
 
 
 @app.callback()

@@ -222,3 +222,64 @@ def table3(results: dict[str, dict[str, CorrectionEval]], out: str | Path) -> Pa
          "settings": {n: {c: e.settings for c, e in by.items()} for n, by in results.items()}}, indent=1,
         default=float))
     return atomic_write_text(out / "tables.md", "\n".join(lines) + "\n")
+
+
+def parse_grid(text: str) -> list[tuple[float, float]]:
+    """``"3:1,1.5:3"`` → [(3.0, 1.0), (1.5, 3.0)]: (w_D, w_D⁻) pairs."""
+    pairs = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        try:
+            w_d, w_n = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise UserError(f"grid cell {item!r} is not w_D:w_D⁻", 'use e.g. --grid "3:1,1.5:3"') from None
+        pairs.append((w_d, w_n))
+    return pairs
+
+
+def run_table3(run_dirs: list[str | Path], out: str | Path, *, split: str = "test", limit: int | None = 160,
+               rounds: int = 3, grid=DEFAULT_GRID, agent: bool = True, k: int = 3, seed: int = 0,
+               captioner: str = "scene", language_model: str = "minilm", progress: bool = True) -> Path:
+    """``genperc experiment correct``: every run (one per training seed) scored alone, with the
+    oracle user over ``rounds`` and the weight ``grid``, and with the agent; each evaluation is
+    saved as it finishes (``out/<run>/<correction>/corrections.json``) and reused by a rerun."""
+    from genperc.inference import load_run
+
+    if not run_dirs:
+        raise UserError("no runs given", "pass the referring run directories (one per training seed)")
+    out = Path(out)
+    results: dict[str, dict[str, CorrectionEval]] = {}
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        name = Path(run_dir).name
+        results[name] = {}
+        for correction in ("oracle", "agent") if agent else ("oracle",):
+            dest = out / name / correction
+            if (dest / "corrections.csv").is_file():
+                results[name][correction] = _read(dest)
+                continue
+            if progress:
+                print(f"{name}: correction by the {correction}", flush=True)
+            ev = evaluate_corrections(run, split, correction=correction, rounds=rounds, limit=limit, seed=seed,
+                                      grid=grid if correction == "oracle" else (), captioner=captioner,
+                                      language_model=language_model, k=k, progress=progress)
+            ev.write(dest)
+            results[name][correction] = ev
+    return table3(results, out)
+
+
+def _read(dest: Path) -> CorrectionEval:
+    """A saved evaluation (``CorrectionEval.write``) back, numbers as numbers."""
+    import csv
+
+    def num(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with (dest / "corrections.csv").open() as f:
+        rows = [{k: num(v) if "/" in k or k == "scene" else v for k, v in r.items()} for r in csv.DictReader(f)]
+    return CorrectionEval(rows=rows, settings=json.loads((dest / "corrections.json").read_text())["settings"])
