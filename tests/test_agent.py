@@ -45,7 +45,6 @@ except ImportError:
     sys.modules[_module.__name__] = _module
 
 from genperc.interactive.agent import (  # noqa: E402
-    EQ5_BRANCHES,
     TEASER_PROMPT,
     VOTE_RULE,
     build_prompt,
@@ -327,6 +326,9 @@ def test_openai_errors_are_one_line_user_errors(chat_server, monkeypatch):
 
 
 def test_spec_strings():
+    from genperc.interactive import agent
+
+    assert agent.build_captioner is build_captioner and agent.build_language_model is build_language_model
     assert isinstance(build_captioner("scene"), SceneCaptioner)
     assert isinstance(build_language_model("minilm"), MiniLMRanker)
     with pytest.raises(UserError, match="scene, transformers:DIR, openai:URL#MODEL"):
@@ -344,7 +346,8 @@ FIRST = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)  # the uncorrected predicti
 
 
 class FakeSession:
-    """predict / correct_each / add_round / last / iou as in the session spec; records every call."""
+    """predict / correct_each / default_weights / add_round / last / iou as CorrectionSession has them;
+    records every call and streams STEPS steps per sampling run."""
 
     def __init__(self, members, *, image=None, scene=None):
         self.image = np.zeros((2, 4, 3), np.uint8) if image is None else image
@@ -355,25 +358,35 @@ class FakeSession:
     def iou(self, mask):
         return float((mask & self.target_mask).sum() / max((mask | self.target_mask).sum(), 1))
 
+    def default_weights(self, w_d=None, w_dminus=None, w_i=None):
+        return {"w_d": 3.0 if w_d is None else w_d, "w_dminus": 1.0 if w_dminus is None else w_dminus,
+                "w_i": 1.5 if w_i is None else w_i}
+
+    @staticmethod
+    def _stream(callback):
+        for i in range(STEPS):
+            if callback is not None:
+                callback(types.SimpleNamespace(index=i, num_steps=STEPS, member=0))
+
     def predict(self, expression, *, seed=0, callback=None):
         self.calls.append(("predict", expression, seed))
-        r = Round(kind="predict", expression=expression, negatives=[], seed=seed, mask=FIRST.copy(),
-                  weights={"w_d": 3.0, "w_dminus": 1.0, "w_i": 1.5}, generated=np.zeros((8, 8, 3), np.uint8),
-                  iou=self.iou(FIRST), seconds=0.0, denoiser_calls=STEPS * 3)
-        self.history.append(r)
-        return r
+        self._stream(callback)
+        return self.add_round(Round(kind="predict", expression=expression, negatives=[], seed=seed, mask=FIRST.copy(),
+                                    weights=self.default_weights(), generated=np.zeros((8, 8, 3), np.uint8),
+                                    iou=self.iou(FIRST), seconds=0.0, denoiser_calls=STEPS * 3))
 
     def correct_each(self, negatives, *, expression=None, w_d=None, w_dminus=None, w_i=None, seed=None,
                      callback=None):
         self.calls.append(("correct_each", list(negatives), {"expression": expression, "w_d": w_d,
                                                              "w_dminus": w_dminus, "w_i": w_i, "seed": seed}))
-        for i in range(STEPS):
-            if callback is not None:
-                callback(types.SimpleNamespace(index=i, num_steps=STEPS, member=0))
-        return [m.copy() for m in self.members[: len(negatives)]]
+        self._stream(callback)
+        info = {"seconds": 0.0, "denoiser_calls": STEPS * 4, "weights": self.default_weights(w_d, w_dminus, w_i),
+                "seed": seed}
+        return [m.copy() for m in self.members[: len(negatives)]], info
 
     def add_round(self, round):
         self.history.append(round)
+        return round
 
     @property
     def last(self):
@@ -409,7 +422,7 @@ def test_run_agent_predicts_corrects_in_one_batch_and_votes():
     np.testing.assert_array_equal(r.mask, [[1, 0, 0, 0], [0, 0, 0, 0]])
     assert session.last is r and r.kind == "agent" and r.negatives == session.calls[1][1] and r.seed == 7
     assert r.weights == {"w_d": 3.0, "w_dminus": 0.5, "w_i": 1.5} and r.iou == 1.0
-    assert r.denoiser_calls == STEPS * 3 + 3 * STEPS * EQ5_BRANCHES and len(steps) == STEPS and r.seconds >= 0
+    assert r.denoiser_calls == STEPS * 3 + 3 * STEPS * 4 and len(steps) == 2 * STEPS and r.seconds >= 0
     assert r.generated.shape == (8, 8, 3) and tuple(r.generated[0, 0]) == (255, 0, 0)
     assert r.agent["answer"] == lm.text and r.agent["caption"] == "a red cube, a blue cube and a red sphere"
     assert r.agent["confusers"] == r.negatives and r.agent["k"] == 3 and r.agent["members"] == [2, 3, 2]
@@ -418,7 +431,7 @@ def test_run_agent_predicts_corrects_in_one_batch_and_votes():
 
 def test_run_agent_reuses_the_prediction_and_breaks_ties_with_it():
     session = FakeSession(MEMBERS)
-    session.predict("the red cube")
+    session.predict("the red cube").seconds = 2.5
     got = {}
     r = run_agent(session, "the red cube", captioner=Canned("x"), language_model=Canned("blue cube, red sphere"),
                   k=2, on_members=lambda c, m: got.update(confusers=c, masks=m))
@@ -426,8 +439,8 @@ def test_run_agent_reuses_the_prediction_and_breaks_ties_with_it():
     # votes [[2, 1, 1, 1], [0, 0, 0, 0]] of 2: (0, 0) wins; the 1–1 ties take FIRST's [1, 0, 0]
     np.testing.assert_array_equal(r.mask, [[1, 1, 0, 0], [0, 0, 0, 0]])
     assert r.iou == 0.5
-    assert r.denoiser_calls == 2 * STEPS * EQ5_BRANCHES
-    assert got["confusers"] == ["the blue cube", "the red sphere"] and len(got["masks"]) == 2
+    assert r.denoiser_calls == STEPS * 3 + 2 * STEPS * 4  # the reused prediction's cost is counted too
+    assert r.seconds >= 2.5 and got["confusers"] == ["the blue cube", "the red sphere"] and len(got["masks"]) == 2
 
 
 def test_run_agent_without_confusers_keeps_the_uncorrected_prediction():

@@ -23,13 +23,12 @@ import torch
 
 from genperc.errors import UserError
 from genperc.images import from_uint8, resize_mask, to_uint8
+from genperc.interactive.backends import build_captioner, build_language_model  # noqa: F401  (re-exported)
 from genperc.interactive.session import Round
 from genperc.tasks.referring import overlay_colour
 
 #: The teaser's prompt to the language model (ADDP Fig. 1c), verbatim.
 TEASER_PROMPT = "This is an image of <CAPTION>. What might confuse the segmentation of <REFERRING>?"
-#: Eq. 5 evaluates four denoiser branches per image and step: (φ_D, φ_I), (φ_D, I), (D⁻, I), (D, I).
-EQ5_BRANCHES = 4
 VOTE_RULE = ("pixel-wise majority of the k corrected masks; a tied pixel (even k) keeps the value of "
              "the uncorrected prediction")
 
@@ -181,18 +180,6 @@ def _vote_picture(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) ->
     return to_uint8(overlay_colour(x, resize_mask(torch.from_numpy(mask), size)[None]))
 
 
-class _StepCounter:
-    """Counts the denoising steps of a sampling run while passing each StepView on."""
-
-    def __init__(self, callback: Callable | None):
-        self.callback, self.count = callback, 0
-
-    def __call__(self, step) -> None:
-        self.count += 1
-        if self.callback is not None:
-            self.callback(step)
-
-
 def run_agent(session, expression: str, *, captioner, language_model, k: int = 3, w_d: float | None = None,
               w_dminus: float | None = None, w_i: float | None = None, seed: int = 0,
               callback: Callable | None = None, template: str = TEASER_PROMPT,
@@ -204,27 +191,30 @@ def run_agent(session, expression: str, *, captioner, language_model, k: int = 3
     confusers (:func:`parse_objects`, worded like D); runs one batched ``session.correct_each`` with
     them as D⁻ (Eq. 5; weights ``None`` = the session's defaults) and votes (:func:`majority_vote`,
     ties → the uncorrected prediction). With no confuser proposed the uncorrected prediction stands
-    and the reasoning says so. ``denoiser_calls`` and ``seconds`` cover everything this call ran
-    (a predict round it ran + k corrections × steps × 4 Eq. 5 branches). ``on_members(confusers,
-    masks)``, if given, receives the k member masks (a UI shows them; the Round keeps pixel counts).
+    and the reasoning says so. ``denoiser_calls`` and ``seconds`` are the whole workflow's cost for the
+    one input image: the prediction it builds on (run now or reused from the history), captioning,
+    the language model and the k corrections (k × the calls per member that ``correct_each``
+    measured). ``on_members(confusers, masks)``, if given, receives the k member masks (a UI shows
+    them; the Round keeps their pixel counts). :func:`build_captioner` and
+    :func:`build_language_model` (from :mod:`~genperc.interactive.backends`) make the backends.
     """
     if k < 1:
         raise UserError(f"agent: k={k} confusers", "ask for at least one (k ≥ 1)")
-    start, calls = time.perf_counter(), 0
+    start = time.perf_counter()
     first = _predict_round(session, expression)
+    earlier = 0.0 if first is None else first.seconds  # a reused prediction's time, counted like a new one's
     if first is None:
         first = session.predict(expression, seed=seed, callback=callback)
-        calls += first.denoiser_calls
+    calls = first.denoiser_calls
     caption = captioner.caption(session.image, session.scene)
     prompt = build_prompt(template, caption, expression)
     answer = language_model.generate(prompt)
     confusers = [_as_expression(p, expression) for p in parse_objects(answer, k, expression=expression)]
     masks: list[np.ndarray] = []
     if confusers:
-        steps = _StepCounter(callback)
-        masks = session.correct_each(confusers, expression=expression, w_d=w_d, w_dminus=w_dminus, w_i=w_i,
-                                     seed=seed, callback=steps)
-        calls += len(masks) * steps.count * EQ5_BRANCHES
+        masks, info = session.correct_each(confusers, expression=expression, w_d=w_d, w_dminus=w_dminus, w_i=w_i,
+                                           seed=seed, callback=callback)
+        calls += len(masks) * info["denoiser_calls"]
         mask = majority_vote(masks, tie=first.mask)
         generated = _vote_picture(session.image, mask, first.generated.shape[:2])
         reasoning = (f"The language model proposed {len(confusers)} confuser(s); one corrected prediction each "
@@ -235,12 +225,11 @@ def run_agent(session, expression: str, *, captioner, language_model, k: int = 3
                      "prediction.")
     if on_members is not None:
         on_members(confusers, masks)
-    given = {"w_d": w_d, "w_dminus": w_dminus, "w_i": w_i}
-    weights = {key: v if v is not None else first.weights.get(key) for key, v in given.items()}
     agent = {"caption": caption, "prompt": prompt, "answer": answer, "confusers": confusers, "k": k,
              "vote": VOTE_RULE, "members": [int(np.count_nonzero(m)) for m in masks], "reasoning": reasoning}
-    result = Round(kind="agent", expression=expression, negatives=list(confusers), weights=weights, seed=seed,
-                   mask=mask, generated=generated, iou=session.iou(mask), seconds=time.perf_counter() - start,
+    result = Round(kind="agent", expression=expression, negatives=list(confusers), seed=seed,
+                   weights=session.default_weights(w_d, w_dminus, w_i),
+                   mask=mask, generated=generated, iou=session.iou(mask), seconds=round(time.perf_counter() - start + earlier, 4),
                    denoiser_calls=calls, agent=agent)
     session.add_round(result)
     return result

@@ -33,7 +33,6 @@ from PIL import Image
 
 from genperc.data.record import SceneRecord
 from genperc.errors import UserError
-from genperc.interactive.agent import TEASER_PROMPT, parse_objects
 from genperc.tasks.caption import scene_caption
 
 CAPTION_PROMPT = "Describe this image in detail, naming every object."
@@ -87,7 +86,7 @@ class MiniLMRanker:
     """The default language model: ranks the caption's object phrases by similarity to D.
 
     Language-only, like the paper's GPT-4o: it reads the caption and D out of the prompt (``template``
-    must be the one the agent used) and never sees the target's annotation. It splits the caption
+    must be the one the agent used, the teaser's by default) and never sees the target's annotation. It splits the caption
     with :func:`parse_objects`, drops the phrases D most plausibly refers to — every phrase that
     contains all content words of D's head noun phrase ("the red cube left of the sphere" drops
     every red cube; a head with no content word drops nothing) — and orders the rest by cosine
@@ -95,8 +94,11 @@ class MiniLMRanker:
     answer is a numbered list, the most similar first, parsed like any model's answer.
     """
 
-    def __init__(self, encoder=None, *, template: str = TEASER_PROMPT):
+    def __init__(self, encoder=None, *, template: str | None = None):
+        from genperc.interactive.agent import TEASER_PROMPT  # agent.py imports this module
+
         self._encoder = encoder
+        template = template or TEASER_PROMPT
         pattern = re.escape(template).replace("<CAPTION>", "(?P<caption>.*)").replace("<REFERRING>", "(?P<d>.*)")
         self._pattern = re.compile(pattern, re.S)
 
@@ -115,6 +117,8 @@ class MiniLMRanker:
         return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
     def generate(self, prompt: str) -> str:
+        from genperc.interactive.agent import parse_objects
+
         found = self._pattern.fullmatch(prompt.strip())
         if found is None:
             raise UserError("the MiniLM ranker cannot find the caption and the expression in the prompt",
