@@ -43,12 +43,13 @@ def test_oracle_rounds_grid_and_cost(referring_run, threshold):
         assert row["round1/calls"] == 3 * 3  # 3 steps × 3 InstructPix2Pix branches
         negatives = [n for n in row["round3/negatives"].split("; ") if n]
         assert row["round2/negatives"] == "; ".join(negatives[:1])
+        # costs are cumulative from round 1: 4 branches with one negative, 5 with two
         if not row["round2/negatives"]:  # the first mask covered no other object: no round, no cost
-            assert row["round2/calls"] == 0 and row["round2/I"] == row["round1/I"]
+            assert row["round2/calls"] == 9 and row["round2/I"] == row["round1/I"]
         else:
-            assert row["round2/calls"] == 3 * 4 and row["w_d=1,w_dminus=3/calls"] == 3 * 4
+            assert row["round2/calls"] == 9 + 3 * 4 and row["w_d=1,w_dminus=3/calls"] == 9 + 3 * 4
         if len(negatives) == 2:
-            assert row["round3/calls"] == 3 * 5  # two negatives: their own branches
+            assert row["round3/calls"] == 9 + 3 * 4 + 3 * 5
     if threshold == 442:
         counts = [len(r["round3/negatives"].split("; ")) for r in res.rows if r["round3/negatives"]]
         assert len(counts) == 6 and 2 in counts  # scenes of two objects have one other object to name
@@ -102,3 +103,16 @@ def test_experiment_correct_writes_table3_and_reuses_saved_evaluations(referring
     monkeypatch.setattr(bench, "evaluate_corrections", lambda *a, **k: pytest.fail("saved result not reused"))
     assert main(args) == 0 and (tmp_path / "tables.md").read_text() == text
     assert main(["experiment", "correct", str(referring_run.run_dir), "--grid", "3-1"]) == 2
+
+
+def test_agent_arm_in_eval_and_table3(referring_run, tmp_path):
+    run = load_run(referring_run.run_dir, text_encoder=referring_run.text_encoder,
+                   overrides=["task_options.threshold=442"])  # every pixel mask: every item has confusers
+    res = evaluate_corrections(run, "test", correction="agent", limit=3, k=2)
+    assert res.arms() == ["round1", "agent"]
+    for row in res.rows:
+        confusers = row["agent/confusers"].split("; ")
+        assert 1 <= len(confusers) <= 2 and row["expression"] not in confusers
+        assert row["agent/calls"] == 9 + len(confusers) * 3 * 4  # prediction + k corrections of 4 branches
+    text = table3({"tiny": {"agent": res}}, tmp_path).read_text()
+    assert "| + correction by the agent |" in text and text.count("| model alone (round 1) |") == 1
