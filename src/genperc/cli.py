@@ -135,6 +135,10 @@ def eval_(
                                    "correctional guidance (referring; ADDP Table 3), D⁻ from an oracle user "
                                    "(the object the mask wrongly covers) or the agent."),
     rounds: int = typer.Option(2, help="Rounds with --correction oracle (1 = the model alone)."),
+    captioner: str = typer.Option("scene", help="--correction agent: scene | transformers:DIR | openai:URL#MODEL."),
+    language_model: str = typer.Option("minilm", help="--correction agent: minilm | transformers:DIR | "
+                                       "openai:URL#MODEL."),
+    agent_k: int = typer.Option(3, help="--correction agent: confusers corrected and voted over."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
 ):
     """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
@@ -144,7 +148,8 @@ def eval_(
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
     if correction != "none":
         return _eval_corrections(run, split, out, correction=correction, rounds=rounds, limit=limit, seed=seed,
-                                 w_d=text_scale, w_i=image_scale)
+                                 w_d=text_scale, w_i=image_scale, captioner=captioner,
+                                 language_model=language_model, k=agent_k)
     evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
                               limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
                               image_scale=image_scale, out=out, resolution=resolution, progress=True,
