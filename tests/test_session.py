@@ -6,26 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from genperc.config import load_config
 from genperc.data.record import ObjectAnn, SceneRecord
 from genperc.data.toy import ToyShapes
 from genperc.errors import UserError
-from genperc.inference import load_run
 from genperc.interactive.session import CorrectionSession, decode_mask, encode_mask, unique_description
-from genperc.training.trainer import Trainer
 
-TINY = ["data.resolution=16", "model.sample_size=16", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
-        "train.progress=false", "train.checkpoint_every=2", "model.text_max_length=8", "sample.steps=3",
-        "sample.sampler=ddim", "sample.text_scale=3.0", "sample.image_scale=1.5", "data.options={size: 6}"]
-STEPS = 3
+STEPS = 3  # conftest.TINY_REFERRING's sample.steps
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, text_encoder):
-    root = tmp_path_factory.mktemp("session")
-    cfg = load_config("cpu-tiny", TINY)
-    Trainer(cfg, root / "referring", train_source=ToyShapes(size=6, resolution=16), text_encoder=text_encoder).train()
-    return load_run(root / "referring", text_encoder=text_encoder)
+@pytest.fixture()
+def run(referring_run):
+    return referring_run
 
 
 @pytest.fixture()

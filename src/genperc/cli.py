@@ -39,7 +39,33 @@ def _mount_subapps() -> None:
     app.add_typer(analyze_app, name="analyze", help="ADDP analyses: per-step curves, contribution factors c_t², augmentation figures.")
     from genperc.experiments import app as experiment_app
 
+    experiment_app.command("correct")(_experiment_correct)
     app.add_typer(experiment_app, name="experiment", help="Reproduce the papers' tables (ADDP, GenRep); few-step sampling.")
+
+
+def _experiment_correct(
+    runs: list[Path] = typer.Argument(..., help="Referring run directories, one per training seed (mean ± std)."),
+    out: Path = typer.Option(Path("runs/addp-correct"), "--out", "-o", help="Output directory (tables.md)."),
+    split: str = typer.Option("test", help="Held-out split of the runs' data."),
+    limit: int = typer.Option(160, help="Expressions per run (the split's first N)."),
+    rounds: int = typer.Option(3, help="Oracle rounds (1 → 2 → 3)."),
+    grid: str = typer.Option("1.5:1,3:1,5:1,3:3,1.5:3,3:0", help="(w_D, w_D⁻) cells at oracle round 2, "
+                             "w_D:w_D⁻ comma-separated; include w_D ≤ w_D⁻ to cross the paper's recommendation."),
+    agent: bool = typer.Option(True, "--agent/--no-agent", help="Also correct with the agent."),
+    k: int = typer.Option(3, help="Confusers the agent corrects and votes over."),
+    captioner: str = typer.Option("scene", help="Agent captioner: scene | transformers:DIR | openai:URL#MODEL."),
+    language_model: str = typer.Option("minilm", help="Agent language model: minilm | transformers:DIR | "
+                                       "openai:URL#MODEL."),
+    seed: int = typer.Option(0, help="Seed of the sampling noise (every round reuses it)."),
+):
+    """ADDP Table 3: the model alone vs + correctional guidance by the agent and by an oracle user
+    (rounds, weight grid), by expression family, with the cost per image."""
+    from genperc.interactive.benchmark import parse_grid, run_table3
+
+    path = run_table3(runs, out, split=split, limit=limit, rounds=rounds, grid=parse_grid(grid), agent=agent, k=k,
+                      seed=seed, captioner=captioner, language_model=language_model)
+    typer.echo(path.read_text())
+    typer.echo(f"wrote {path}")
 
 
 @app.callback()
@@ -105,6 +131,14 @@ def eval_(
                                    "same items (fitted on the run's training split); printed under the model's "
                                    "metrics and written to metrics.json under \"baselines\"."),
     baseline_fit_items: int = typer.Option(500, help="Training items the baselines are fitted on (at most)."),
+    correction: str = typer.Option("none", help="none | oracle | agent: also correct each prediction with ADDP's "
+                                   "correctional guidance (referring; ADDP Table 3), D⁻ from an oracle user "
+                                   "(the object the mask wrongly covers) or the agent."),
+    rounds: int = typer.Option(2, help="Rounds with --correction oracle (1 = the model alone)."),
+    captioner: str = typer.Option("scene", help="--correction agent: scene | transformers:DIR | openai:URL#MODEL."),
+    language_model: str = typer.Option("minilm", help="--correction agent: minilm | transformers:DIR | "
+                                       "openai:URL#MODEL."),
+    agent_k: int = typer.Option(3, help="--correction agent: confusers corrected and voted over."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
 ):
     """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
@@ -112,6 +146,10 @@ def eval_(
 
     run = load_run(run_dir, weights=weights, overrides=list(overrides or []), checkpoint=checkpoint)
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
+    if correction != "none":
+        return _eval_corrections(run, split, out, correction=correction, rounds=rounds, limit=limit, seed=seed,
+                                 w_d=text_scale, w_i=image_scale, captioner=captioner,
+                                 language_model=language_model, k=agent_k)
     evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
                               limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
                               image_scale=image_scale, out=out, resolution=resolution, progress=True,
@@ -127,6 +165,22 @@ def eval_(
         _echo_baselines(run.task, evaluation, settings)
     typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
+
+
+def _eval_corrections(run, split, out, **options) -> None:
+    """``genperc eval --correction``: rounds scored per family, written as corrections.json/.csv."""
+    from genperc.interactive.benchmark import evaluate_corrections
+
+    if options["correction"] not in ("oracle", "agent"):
+        raise UserError(f"unknown --correction {options['correction']!r}", "use none, oracle or agent")
+    result = evaluate_corrections(run, split, progress=True, **options)
+    summary = result.summary()
+    typer.echo(f"{run.task.name} on {split} ({len(result.rows)} expressions, correction by the "
+               f"{options['correction']}, {result.settings['seconds']:.0f} s):")
+    for arm in result.arms():
+        typer.echo(f"  {arm:<10} oIoU {summary[f'{arm}/oIoU']:.4f}  mIoU {summary[f'{arm}/mIoU']:.4f}  "
+                   f"{summary[f'{arm}/calls']:.0f} denoiser calls / image")
+    typer.echo(f"wrote {result.write(out)}")
 
 
 def _echo_baselines(task, evaluation, settings) -> None:

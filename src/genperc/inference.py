@@ -124,6 +124,12 @@ def machine_info() -> dict:
             "platform": platform.platform()}
 
 
+def machine_line() -> str:
+    """The machine a table was measured on, in words (CPU model, cores, GPU, torch)."""
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} cores, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU") + f", torch {m['torch']}"
+
+
 def sampling(run: LoadedRun, *, steps=None, sampler=None, spacing=None, eta=None, batch_size=None,
              text_scale=None, image_scale=None):
     """The sample settings and the noise schedule a sampler receives for this run: the run's

@@ -9,7 +9,18 @@ from __future__ import annotations
 import csv
 import html
 import math
+import statistics
 from pathlib import Path
+
+
+def fmt_mean_std(values, scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± sample std`` of the finite values (× ``scale``); one value alone; "–" for none."""
+    vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def fmt(v, digits: int = 3) -> str:
