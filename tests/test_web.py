@@ -195,11 +195,13 @@ def test_page_streams_predict_corrects_undoes_and_exports(served):
     assert len({s.split("t=")[1] for s in steps}) == STEPS, "one streamed update per denoising step"
     assert all(isinstance(u["Image and mask: click the object the model wrongly chose"], str) for u in updates)
     final = updates[-1]
-    assert final["Message"].startswith(f"round 1 (predict): “{texts[0]}”, IoU ") and "denoiser calls" in final["Message"]
+    assert final["Message"].startswith(f"round 1 (predict): “{texts[0]}”, IoU ")
+    assert "denoiser calls" in final["Message"]
     assert len(final["Rounds"]) == 1
 
     final = page.call("/correct", f"{texts[1]}, {texts[2]}", texts[0], 3.0, 1.5, 1.0, 1)
-    assert final["Message"].startswith(f"round 2 (correct): “{texts[0]}”, D⁻ = “{texts[1]}”, “{texts[2]}”, IoU ")
+    negatives = f"D⁻ = “{texts[1]}”, “{texts[2]}”"
+    assert final["Message"].startswith(f"round 2 (correct): “{texts[0]}”, {negatives}, IoU ")
     assert [r["caption"].split(":")[0] for r in final["Rounds"]] == ["round 1 (predict)", "round 2 (correct)"]
 
     undone = page.call("/undo")
@@ -213,8 +215,8 @@ def test_page_says_what_is_wrong_in_one_line(served, tmp_path):
     from gradio_client import handle_file
 
     page = Page(served[1])
-    assert page.call("/predict", "the disc", 0)["Message"] == ("⚠️ no image yet — pick a held-out scene or upload "
-                                                               "an image first")
+    no_image = "⚠️ no image yet — pick a held-out scene or upload an image first"
+    assert page.call("/predict", "the disc", 0)["Message"] == no_image
     (tmp_path / "notes.txt").write_text("not an image")
     _png(tmp_path / "depth.png", np.full((12, 12), 40000, np.uint16))
     for name, needle in [("notes.txt", "cannot read notes.txt as an image"), ("depth.png", "depth.png is a I;16")]:
@@ -268,6 +270,12 @@ def test_without_the_agent_its_button_is_hidden(served, monkeypatch):
     demo = page.build()
     assert page.agent_btn.visible is False and page.agent_md.value == why
     assert "agent" not in {d.api_name for d in demo.fns.values()}
+
+
+def test_a_run_the_session_cannot_correct_is_refused_when_the_page_is_built(tmp_path):
+    depth = SimpleNamespace(task=SimpleNamespace(name="depth"), run_dir=tmp_path, mode="generative")
+    with pytest.raises(UserError, match="correction needs a referring run"):
+        web.build_app(depth, source=ToyShapes(size=1, resolution=16))
 
 
 def test_serve_command(capsys):

@@ -291,8 +291,9 @@ class Page:
                                               buttons=[], elem_id="scenes")
                     self.scene_number = gr.Number(label=f"…or scene number 0–{len(self.source) - 1} (Enter)",
                                                   precision=0, elem_id="scene-number")
-                    self.upload_box = gr.File(label=f"…or upload an image (PNG/JPEG, ≤ {MAX_UPLOAD_BYTES // 2**20} MB, "
-                                                    f"≤ {MAX_SIDE} px)", type="filepath", elem_id="upload")
+                    limits = f"PNG/JPEG, ≤ {MAX_UPLOAD_BYTES // 2**20} MB, ≤ {MAX_SIDE} px"
+                    self.upload_box = gr.File(label=f"…or upload an image ({limits})", type="filepath",
+                                              elem_id="upload")
                 with gr.Column(scale=2):
                     with gr.Row():
                         self.view = gr.Image(label="Image and mask: click the object the model wrongly chose",
@@ -322,11 +323,13 @@ class Page:
                         self.w_i = gr.Slider(0, max(10.0, sample.image_scale), value=sample.image_scale, step=0.1,
                                              label="w_I: image guidance")
                         self.seed = gr.Number(0, precision=0, label="Seed")
-                        self.k = gr.Slider(1, 6, value=3, step=1, label="Agent: k confusers", visible=self.agent is not None)
+                        self.k = gr.Slider(1, 6, value=3, step=1, label="Agent: k confusers",
+                                           visible=self.agent is not None)
             self.rounds = gr.Gallery(label="Rounds", columns=6, height="auto", format="png", buttons=BUTTONS,
                                      elem_id="rounds")
             with gr.Row():
-                self.agent_md = gr.Markdown(self.agent_note or "", label="Agent's reasoning", elem_id="agent-reasoning")
+                self.agent_md = gr.Markdown(self.agent_note or "", label="Agent's reasoning",
+                                            elem_id="agent-reasoning")
                 self.agent_gallery = gr.Gallery(label="Agent: the k corrected masks and their vote", columns=4,
                                                 height="auto", format="png", buttons=BUTTONS, elem_id="agent-masks")
             self.history_file = gr.File(label="History (JSON)", interactive=False, elem_id="history")
@@ -334,9 +337,9 @@ class Page:
         return demo
 
     def _events(self) -> None:
-        outputs = [self.state, self.gallery, self.scene_number, self.upload_box, self.view, self.x0_view, self.step_md, self.message,
-                   self.expressions, self.expression, self.negatives, self.rounds, self.agent_md, self.agent_gallery,
-                   self.history_file]
+        outputs = [self.state, self.gallery, self.scene_number, self.upload_box, self.view, self.x0_view,
+                   self.step_md, self.message, self.expressions, self.expression, self.negatives, self.rounds,
+                   self.agent_md, self.agent_gallery, self.history_file]
         weights = [self.w_d, self.w_dminus, self.w_i, self.seed]
         on = functools.partial(self._on, outputs=outputs)
         on(self.gallery.select, self.pick_scene, [self.state])
@@ -363,15 +366,13 @@ class Page:
 
     def _friendly(self, handler):
         """``handler`` with a :class:`UserError` shown as the one-line message (generators too)."""
-        message = self._warn
-
         if inspect.isgeneratorfunction(handler):
             @functools.wraps(handler)
             def stream(*args, **kwargs):
                 try:
                     yield from handler(*args, **kwargs)
                 except UserError as e:
-                    yield message(e)
+                    yield self._warn(e)
             return stream
 
         @functools.wraps(handler)
@@ -379,7 +380,7 @@ class Page:
             try:
                 return handler(*args, **kwargs)
             except UserError as e:
-                return message(e)
+                return self._warn(e)
         return call
 
     @property
@@ -486,13 +487,13 @@ class Page:
 
     def _shown_round(self, session: CorrectionSession, rnd, members: dict) -> dict:
         number = len(session.history)
+        cost = f"{rnd.denoiser_calls} denoiser calls, {rnd.seconds:.1f} s"
         out = {self.view: self.shown(session.image, rnd.mask), self.x0_view: self.picture(enlarge(rnd.generated)),
-               self.rounds: self._rounds(session),
-               self.message: f"{describe_round(number, rnd)}; {rnd.denoiser_calls} denoiser calls, {rnd.seconds:.1f} s"}
+               self.rounds: self._rounds(session), self.message: f"{describe_round(number, rnd)}; {cost}"}
         if rnd.agent is not None:
             out[self.agent_md] = agent_reasoning(rnd.agent)
-            out[self.agent_gallery] = [*[(self.shown(session.image, m), f"D⁻ = “{c}”") for c, m in members.items()],
-                                       (self.shown(session.image, rnd.mask), "the vote")]
+            shown = [(self.shown(session.image, m), f"D⁻ = “{c}”") for c, m in members.items()]
+            out[self.agent_gallery] = [*shown, (self.shown(session.image, rnd.mask), "the vote")]
         return out
 
     def shown(self, image: np.ndarray, mask: np.ndarray | None = None) -> str:
@@ -511,7 +512,8 @@ class Page:
         phrase = session.describe_click(x, y)
         if phrase is None:
             raise UserError(f"no object at pixel ({x}, {y})", "click on the object the model wrongly chose")
-        return {self.negatives: add_negative(negatives, phrase), self.message: f"clicked ({x}, {y}): D⁻ += “{phrase}”"}
+        return {self.negatives: add_negative(negatives, phrase),
+                self.message: f"clicked ({x}, {y}): D⁻ += “{phrase}”"}
 
     def undo(self, session) -> dict:
         """Drop the last round; the page shows the one before it (or the bare image)."""
@@ -521,7 +523,8 @@ class Page:
             raise UserError("nothing to undo", "predict first")
         last = session.last
         return {self.view: self.shown(session.image, last.mask if last else None),
-                self.x0_view: self.picture(enlarge(last.generated)) if last else None, self.rounds: self._rounds(session),
+                self.x0_view: self.picture(enlarge(last.generated)) if last else None,
+                self.rounds: self._rounds(session),
                 self.message: f"undid round {len(session.history) + 1} ({gone.kind})"}
 
     def export(self, session) -> dict:
@@ -541,7 +544,10 @@ def build_app(run, *, split: str = "test", source=None, steps: int | None = None
     """The page for a loaded run (:func:`genperc.inference.load_run`). ``source``: the scenes of
     the gallery (default: the run's data, ``split``, via ``open_scene_source``); ``steps``:
     sampling steps (default the run's); ``captioner``/``language_model``: the agent's backends
-    (its button is hidden, with a note, when :mod:`genperc.interactive.agent` is missing)."""
+    (its button is hidden, with a note, when :mod:`genperc.interactive.agent` is missing).
+    A run the session cannot correct (not referring, discriminative) is refused here, not at the
+    first click."""
+    CorrectionSession(run, np.zeros((8, 8, 3), np.uint8), steps=steps)  # the session's own checks
     if source is None:
         from genperc.data.sources import open_scene_source
 
@@ -554,8 +560,8 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
            prevent_thread_lock: bool = False, quiet: bool = False):
     """Serve ``demo`` locally: one bounded queue, the upload size limit, never a share link, no
     server-side rendering (it would need Node), no run history (its page offers a Hugging Face
-    bucket) and nothing that calls out. Returns Gradio's
-    ``(app, local_url, share_url)``; blocks unless ``prevent_thread_lock``."""
+    bucket) and nothing that calls out. Returns Gradio's ``(app, local_url, share_url)``; blocks
+    unless ``prevent_thread_lock``."""
     demo.queue(max_size=QUEUE_SIZE)
     return demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
                        max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
