@@ -33,3 +33,33 @@ def referring_run(tmp_path_factory, text_encoder):
     Trainer(load_config("cpu-tiny", TINY_REFERRING), root / "run", train_source=ToyShapes(size=6, resolution=16),
             text_encoder=text_encoder).train()
     return load_run(root / "run", text_encoder=text_encoder)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: Sampling steps of the served page: a round streams this many updates.
+PAGE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def served_page(referring_run):
+    """`genperc serve`'s page for the tiny referring run (PAGE_STEPS steps), on 127.0.0.1: (run, url)."""
+    import torch
+
+    from genperc.inference import load_run
+    from genperc.interactive import web
+
+    torch.set_num_threads(1)
+    run = load_run(referring_run.run_dir, text_encoder=referring_run.text_encoder,
+                   overrides=[f"sample.steps={PAGE_STEPS}"])
+    demo = web.build_app(run, split="test")
+    _, url, share = web.launch(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    assert share is None and url.startswith("http://127.0.0.1:")
+    yield run, url
+    demo.close()

@@ -18,7 +18,6 @@ from PIL import Image
 from genperc.data.toy import ToyShapes
 from genperc.interactive.session import CorrectionSession
 from genperc.interactive.web import display_factor
-from test_web import serve_tiny_page
 
 CHROMIUM = os.environ.get("GENPERC_CHROMIUM", "/usr/bin/chromium")
 # The flags that work on this closed network (REFERENCE.md): no sandbox, no GPU, nothing fetched.
@@ -50,11 +49,9 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, text_encoder):
-    run, demo, url = serve_tiny_page(tmp_path_factory, text_encoder)
-    yield run, url
-    demo.close()
+@pytest.fixture()
+def served(served_page):
+    return served_page
 
 
 def object_click(page, scene, object_id: int) -> tuple[float, float]:

@@ -5,57 +5,22 @@ the agent, bad uploads as one line. The real browser is in test_browser.py."""
 from __future__ import annotations
 
 import json
-import socket
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from genperc.data.toy import ToyShapes
 from genperc.errors import UserError
 from genperc.interactive import web
 
-# A tiny referring run: 16x16, two training steps; 4 sampling steps so that a round streams 4 times.
-TINY = ["data.resolution=16", "model.sample_size=16", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
-        "train.progress=false", "train.checkpoint_every=2", "model.text_max_length=8", "sample.steps=4",
-        "sample.batch_size=8", "data.options={size: 6}"]
-STEPS = 4
+STEPS = 4  # conftest.PAGE_STEPS: the served page's sampling steps
 
 
-def tiny_run(root, text_encoder):
-    """Train the tiny referring run in ``root`` and load it (the page's scenes: ToyShapes, test)."""
-    from genperc.config import load_config
-    from genperc.inference import load_run
-    from genperc.training.trainer import Trainer
-
-    Trainer(load_config("cpu-tiny", TINY), root, train_source=ToyShapes(size=6, resolution=16),
-            text_encoder=text_encoder).train()
-    return load_run(root, text_encoder=text_encoder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_tiny_page(tmp_path_factory, text_encoder):
-    """Build and launch the page for a tiny run on 127.0.0.1; returns (run, demo, url)."""
-    torch.set_num_threads(1)
-    run = tiny_run(tmp_path_factory.mktemp("web-run"), text_encoder)
-    demo = web.build_app(run, split="test")
-    _, url, share = web.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
-    assert share is None and url.startswith("http://127.0.0.1:")
-    return run, demo, url
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, text_encoder):
-    run, demo, url = serve_tiny_page(tmp_path_factory, text_encoder)
-    yield run, url
-    demo.close()
+@pytest.fixture()
+def served(served_page):
+    return served_page
 
 
 # --------------------------------------------------------------------------- helpers
