@@ -247,7 +247,7 @@ def test_bad_cifar_files_are_one_line_errors_with_the_fix(tmp_path):
         open_source("cifar10", root, "val")
 
 
-def test_class_subfolders_are_the_folder_layout_without_images_dir(tmp_path):
+def test_class_subfolders_are_the_folder_layout_without_images_dir(unet_run, tmp_path):
     root = _class_folders(tmp_path / "c")
     src = open_source("folder", root, "train")
     assert isinstance(src, ClassFolderSource) and src.classes == ["blue", "green", "red", "yellow"]
@@ -257,6 +257,11 @@ def test_class_subfolders_are_the_folder_layout_without_images_dir(tmp_path):
     assert isinstance(open_source("folder", tmp_path / "f", None), FolderSource)
     with pytest.raises(UserError, match="no class folders with images"):
         ClassFolderSource(tmp_path / "f" / "images")
+    for f in (root / "test" / "yellow").iterdir():
+        f.unlink()
+    (root / "test" / "yellow").rmdir()
+    with pytest.raises(UserError, match="different classes"):
+        load_probe_data(unet_run, f"folder:{root}")
 
 
 def test_probe_data_from_the_world_the_digits_and_the_run_s_own_data(unet_run):
@@ -268,6 +273,8 @@ def test_probe_data_from_the_world_the_digits_and_the_run_s_own_data(unet_run):
     assert digits.train_images.dtype == torch.float16 and -1 <= float(digits.train_images.min())
     own = load_probe_data(unet_run, None, limit=12)  # genrep-cpu: the digits, test split = data.val_split
     assert own.classes == digits.classes and own.name == "digits" and len(own.test_labels) == 12
+    with pytest.raises(UserError, match="not a class-labelled source"):
+        load_probe_data(unet_run, "cifar10")  # needs a path
     with pytest.raises(UserError, match="not a class-labelled source"):
         load_probe_data(unet_run, "imagenet:/x")
     with pytest.raises(UserError, match="pass the folder above it"):
