@@ -142,23 +142,22 @@ def test_crop_and_flip_keep_a_window_of_the_padded_image_and_are_seeded():
 def test_probe_learns_colour_classes_and_is_at_chance_on_shuffled_labels(unet_run):
     good = linear_probe(unet_run, colour_data(), [1], ["mid", "up2"], FAST)
     assert good.best[2] > 0.9, good.top1
-    chance = linear_probe(unet_run, colour_data(shuffle=True), [1], ["mid", "up2"], FAST)
+    assert good.settings["anchors"]["chance"] == 0.25 and good.settings["anchors"]["pixels"] > 0.9
+    chance = linear_probe(unet_run, colour_data(shuffle=True), [1], ["mid", "up2"], FAST, anchors=False)
     assert max(chance.top1.values()) < 0.5, chance.top1
 
 
 def test_fresh_and_cached_noise_are_seeded_and_a_grid_cell_equals_its_single_probe(unet_run):
     data = colour_data()
     cfg = ProbeConfig(epochs=2, batch_size=16, lr=0.02)
-    fresh = linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cfg)
-    assert fresh.top1 == linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cfg).top1
-    single = linear_probe(unet_run, data, [200], ["up1"], cfg)
+    fresh = linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cfg, anchors=False)
+    assert fresh.top1 == linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cfg, anchors=False).top1
+    single = linear_probe(unet_run, data, [200], ["up1"], cfg, anchors=False)
     assert single.top1[(200, "up1")] == fresh.top1[(200, "up1")]
     cached_cfg = ProbeConfig(epochs=2, batch_size=16, lr=0.02, cache=True)
-    cached = linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cached_cfg)
-    assert cached.top1 == linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cached_cfg).top1
+    cached = linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cached_cfg, anchors=False)
+    assert cached.top1 == linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cached_cfg, anchors=False).top1
     assert cached.settings["noise"] == "cached" and fresh.settings["noise"] == "fresh"
-    other_seed = linear_probe(unet_run, colour_data(shuffle=True), [200], ["up1"], ProbeConfig(epochs=2, seed=5))
-    assert other_seed.settings["seed"] == 5
 
 
 def _class_folders(root: Path) -> Path:
@@ -185,6 +184,7 @@ def test_cli_grid_on_a_dit_writes_heatmap_csv_and_the_best_cell(dit_run, tmp_pat
     best = max(rows, key=lambda r: float(r["top1"]))
     assert record["best"]["top1"] == pytest.approx(float(best["top1"]), abs=1e-6)
     assert f"best: t={record['best']['t']}, block {record['best']['block']}" in text
+    assert "anchors: chance 0.2500, the same probe on the clean pixels" in text
     assert record["settings"]["classes"] == 4 and record["settings"]["grid"] is True
     assert Image.open(out / "probe.png").size[0] > 100
     assert main(["probe", str(dit_run.run_dir), "--dataset", f"folder:{data}", "--block", "mid"]) == 2

@@ -29,6 +29,8 @@ reports its gains with the same probe. As implemented here:
   passes per t). ``cache=True`` extracts them once (one noise draw, un-augmented images, since a
   crop needs a new pass) and trains on the cache: about ``epochs`` times cheaper, a quick look, not
   DDAE's number.
+* **Anchors** (DESIGN.md): the chance level and the same probe on the clean pixels
+  (:func:`pixel_anchor`), reported beside the cells; features below the pixel anchor are a defect.
 * **Grid** (DDAE's ``--grid``): every block at every t of a list. One denoiser pass per batch serves
   all blocks, and each cell is trained exactly as a single probe of that cell (the same seed, batches,
   crops and noise), so a grid cell equals the single run. Default ts: DDAE's {1, 11, 21} widened to
@@ -183,13 +185,25 @@ class FeatureExtractor:
         run.model(run.schedule.add_noise(x0, noise, steps), steps, self._condition(x0))
         return {name: f.float().mean(dim=(2, 3)) for name, f in self.taps.pop().items()}
 
-    def extract(self, images: Tensor, t: int, generator: torch.Generator, batch_size: int) -> dict[str, Tensor]:
-        """Features of every image, in order, in batches (one noise draw from ``generator``)."""
-        parts = [self(chunk.float(), t, generator) for chunk in images.split(batch_size)]
-        return {b: torch.cat([p[b] for p in parts]) for b in self.blocks}
-
     def close(self) -> None:
         self.taps.remove()
+
+
+class PixelFeatures:
+    """The probe's anchor (DESIGN.md: every result beside its anchors): the same linear probe on the
+    clean image's pixels, flattened — no denoiser, so t and the noise are unused."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def __call__(self, images: Tensor, t: int, generator: torch.Generator) -> dict[str, Tensor]:
+        return {"pixels": images.to(self.device).flatten(1)}
+
+
+def _extract(features, images: Tensor, t: int, generator: torch.Generator, batch_size: int) -> dict[str, Tensor]:
+    """Features of every image, in order, in batches (one noise draw from ``generator``)."""
+    parts = [features(chunk.float(), t, generator) for chunk in images.split(batch_size)]
+    return {b: torch.cat([p[b] for p in parts]) for b in parts[0]}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -234,14 +248,12 @@ def _open_split(data_cfg, candidates: Sequence[str]):
     """The first of ``candidates`` that the source has (test splits are "test" or "val")."""
     from genperc.data.sources import open_scene_source
 
-    errors = []
-    for split in candidates:
+    for split in candidates[:-1]:
         try:
             return open_scene_source(data_cfg, split), split
-        except UserError as e:
-            errors.append(str(e))
-    raise UserError(f"{data_cfg.source}:{data_cfg.path} has none of the splits {', '.join(candidates)} "
-                    f"({'; '.join(errors)})", "arrange the data in train/ and test/ (or val/) splits")
+        except UserError:
+            pass
+    return open_scene_source(data_cfg, candidates[-1]), candidates[-1]
 
 
 def probe_data_config(run: LoadedRun, dataset: str | None = None):
@@ -324,7 +336,11 @@ class ProbeResult:
         lines += [f"  {b:<10}" + "".join(f"{v:>9.4f}" for v in row) for b, row in zip(self.blocks, self.matrix(),
                                                                                      strict=True)]
         t, b, acc = self.best
-        return "\n".join(lines + [f"best: t={t}, block {b}: top-1 {acc:.4f}"])
+        lines.append(f"best: t={t}, block {b}: top-1 {acc:.4f}")
+        if "anchors" in self.settings:
+            a = self.settings["anchors"]
+            lines.append(f"anchors: chance {a['chance']:.4f}, the same probe on the clean pixels {a['pixels']:.4f}")
+        return "\n".join(lines)
 
     def write(self, out: str | Path) -> list[Path]:
         """``probe.csv`` (t, block, top1 per cell), ``probe.json`` (cells, best, settings) and the
@@ -367,7 +383,9 @@ def plot_heatmap(result: ProbeResult, path: str | Path) -> Path:
     ax.set_xlabel("t (noise level)")
     ax.set_ylabel("block")
     dataset = str(result.settings.get("dataset", "")).split(":")[0]
-    ax.set_title(f"linear probe top-1 (%), {dataset}\nbest {acc:.1%} at t={t}, {b}", fontsize=9)
+    anchor = result.settings.get("anchors", {}).get("pixels")
+    ax.set_title(f"linear probe top-1 (%), {dataset}\nbest {acc:.1%} at t={t}, {b}"
+                 + ("" if anchor is None else f"; pixels {anchor:.1%}"), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     return save_figure(fig, path)
 
@@ -382,13 +400,13 @@ def _linear(dim: int, classes: int, seed: int) -> nn.Linear:
     return layer
 
 
-def _train_heads(extractor: FeatureExtractor, data: ProbeData, t: int, dims: dict[str, int],
+def _train_heads(extractor: FeatureExtractor | PixelFeatures, data: ProbeData, t: int, dims: dict[str, int],
                  cfg: ProbeConfig, on_epoch=lambda: None) -> dict[str, nn.Linear]:
     """One linear layer per block, trained together on the same batches (DDAE's ClassifierDict)."""
     order, augment, noise = (torch.Generator().manual_seed(cfg.seed + k) for k in range(3))
     device = extractor.device
     if cfg.cache:
-        cache = extractor.extract(data.train_images, t, noise, cfg.eval_batch_size)
+        cache = _extract(extractor, data.train_images, t, noise, cfg.eval_batch_size)
 
     def features(idx: Tensor) -> dict[str, Tensor]:
         if cfg.cache:
@@ -415,17 +433,26 @@ def _train_heads(extractor: FeatureExtractor, data: ProbeData, t: int, dims: dic
 
 
 @torch.no_grad()
-def _test_top1(extractor: FeatureExtractor, heads: dict[str, nn.Linear], data: ProbeData, t: int,
+def _test_top1(extractor: FeatureExtractor | PixelFeatures, heads: dict[str, nn.Linear], data: ProbeData, t: int,
                cfg: ProbeConfig) -> dict[str, float]:
     noise = torch.Generator().manual_seed(cfg.seed + 3)
-    feats = extractor.extract(data.test_images, t, noise, cfg.eval_batch_size)
+    feats = _extract(extractor, data.test_images, t, noise, cfg.eval_batch_size)
     labels = data.test_labels.to(extractor.device)
     return {b: float((head(feats[b]).argmax(-1) == labels).float().mean()) for b, head in heads.items()}
 
 
+def pixel_anchor(data: ProbeData, config: ProbeConfig | None = None, device: torch.device | str = "cpu") -> float:
+    """Top-1 of the same probe (settings, seed, augmentation) on the clean pixels: the bar the denoiser's
+    features must clear (:class:`PixelFeatures`)."""
+    cfg, pixels = config or ProbeConfig(), PixelFeatures(device)
+    heads = _train_heads(pixels, data, 0, {"pixels": data.train_images[0].numel()}, cfg)
+    return _test_top1(pixels, heads, data, 0, cfg)["pixels"]
+
+
 def linear_probe(run: LoadedRun, data: ProbeData, timesteps: Sequence[int], blocks: Sequence[str],
-                 config: ProbeConfig | None = None, progress: bool = False) -> ProbeResult:
-    """Train and test a linear probe on every (t, block) cell (module docstring)."""
+                 config: ProbeConfig | None = None, progress: bool = False, anchors: bool = True) -> ProbeResult:
+    """Train and test a linear probe on every (t, block) cell (module docstring). ``anchors``: also
+    the chance level and :func:`pixel_anchor`, in ``settings["anchors"]``."""
     from tqdm.auto import tqdm
 
     cfg = config or ProbeConfig()
@@ -451,6 +478,8 @@ def linear_probe(run: LoadedRun, data: ProbeData, timesteps: Sequence[int], bloc
                 "noise": "cached" if cfg.cache else "fresh", **asdict(cfg),
                 "padding": cfg.crop_padding(int(data.train_images.shape[-1])),
                 "seconds": round(time.perf_counter() - start, 2), "machine": machine_info()}
+    if anchors:
+        settings["anchors"] = {"chance": 1 / data.num_classes, "pixels": pixel_anchor(data, cfg, run.device)}
     return ProbeResult(top1=top1, timesteps=[int(t) for t in timesteps], blocks=list(blocks), settings=settings)
 
 
