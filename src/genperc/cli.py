@@ -253,6 +253,44 @@ def serve(
 
 
 @app.command()
+def probe(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `genperc train`."),
+    dataset: str = typer.Option(None, help="digits | world:PATH | cifar10:PATH | cifar100:PATH | folder:PATH "
+                                "(default: the run's own data, its train and val splits)."),
+    t: str = typer.Option(None, "--t", help="Noise levels, comma-separated, in the run's timesteps (default: DDAE's "
+                          "best, 11 of 1000 for a UNet, 121 for a DiT; with --grid 1,11,21,51,101,201 of 1000)."),
+    block: str = typer.Option(None, "--block", help="Blocks, comma-separated (default: all; see the error of an "
+                              "unknown name for the list), e.g. up0,mid or blk13."),
+    grid: bool = typer.Option(False, "--grid", help="Probe every block at DDAE's grid of noise levels."),
+    cache: bool = typer.Option(False, "--cache", help="Extract training features once (one noise draw, no "
+                               "augmentation) instead of fresh every epoch (DDAE's default): ~epochs× faster."),
+    epochs: int = typer.Option(15, help="Probe epochs (DDAE: 15)."),
+    batch_size: int = typer.Option(128, help="Probe batch size (DDAE: 128)."),
+    limit: int = typer.Option(None, help="At most this many items per split (a seeded subset)."),
+    seed: int = typer.Option(0, help="Seed of the probe's initialisation, batches, crops and noise."),
+    weights: str = typer.Option("ema", help="ema | model."),
+    checkpoint: str = typer.Option(None, help="A kept checkpoint: its step or folder (default: the newest)."),
+    out: Path = typer.Option(None, help="Output folder (default RUN/probe/<dataset>-<checkpoint>)."),
+):
+    """DDAE's linear probe of a frozen denoiser's block features (top-1 per noise level and block);
+    writes probe.csv, probe.json and a heat map probe.png."""
+    from genperc.probe import ProbeConfig, default_out, probe_run
+
+    try:
+        timesteps = [int(v) for v in t.split(",") if v.strip()] if t else None
+    except ValueError:
+        raise UserError(f"--t {t!r} is not a list of integers", "e.g. --t 11 or --t 1,11,21") from None
+    out = out or default_out(run_dir, dataset, checkpoint)
+    result = probe_run(run_dir, dataset, timesteps=timesteps, blocks=block.split(",") if block else None, grid=grid,
+                       out=out, limit=limit, weights=weights, checkpoint=checkpoint, progress=True,
+                       config=ProbeConfig(epochs=epochs, batch_size=batch_size, cache=cache, seed=seed))
+    s = result.settings
+    typer.echo(f"linear probe of {run_dir} on {s['dataset']} ({s['train_items']} train / {s['test_items']} test, "
+               f"{s['classes']} classes, {s['noise']} noise, {s['seconds']:.0f} s), top-1:\n{result.format()}")
+    typer.echo(f"wrote {out / 'probe.csv'}, {out / 'probe.json'} and {out / 'probe.png'}")
+
+
+@app.command()
 def presets():
     """List the config presets shipped with genperc."""
     from genperc.config import PRESET_DIR, list_presets

@@ -62,7 +62,7 @@ class ModelConfig:
 class DataConfig:
     """Where training and evaluation samples come from (``genperc.data``)."""
 
-    source: str = "toy"  # toy | world | refcoco | nyuv2 | coco | ade20k | folder | digits
+    source: str = "toy"  # toy | world | refcoco | nyuv2 | coco | ade20k | folder | digits | cifar10 | cifar100
     path: str | None = None
     train_split: str = "train"
     val_split: str = "val"

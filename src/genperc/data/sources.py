@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from genperc.errors import UserError
 
-SOURCES = ("toy", "world", "refcoco", "nyuv2", "coco", "ade20k", "folder", "digits")
+SOURCES = ("toy", "world", "refcoco", "nyuv2", "coco", "ade20k", "folder", "digits", "cifar10", "cifar100")
 
 
 def open_scene_source(cfg, split: str):

@@ -5,8 +5,9 @@ noise-free forward pass of the denoiser and feeds them to task decoders. Here:
 
 * :class:`FeatureTaps` registers forward hooks on named blocks of the diffusers backbone inside a
   :class:`~genperc.models.denoiser.Denoiser` and keeps their outputs of the last forward call as
-  ``[B, C, h, w]`` maps. UNet taps are ``mid`` and ``up0 … up{n-1}`` (the outputs of
-  ``mid_block`` and ``up_blocks[i]``, i.e. after each block's upsampler); DiT taps are ``blk{i}``
+  ``[B, C, h, w]`` maps. UNet taps are ``down0 … down{n-1}``, ``mid`` and ``up0 … up{n-1}`` (the
+  outputs of ``down_blocks[i]``, ``mid_block`` and ``up_blocks[i]``, i.e. after each block's
+  down- or upsampler); DiT taps are ``blk{i}``
   (the token outputs of ``transformer_blocks[i]``, reshaped to the patch grid).
   :func:`default_taps` picks the decoder blocks (UNet: every ``up`` block; DiT: four evenly spaced
   blocks of the second half, as "decoder" has no meaning in a DiT — an explicit choice).
@@ -43,7 +44,8 @@ def available_taps(denoiser) -> list[str]:
     """Names of the blocks a :class:`FeatureTaps` can hook on this denoiser."""
     bb = denoiser.backbone
     if hasattr(bb, "up_blocks"):
-        return ["mid"] + [f"up{i}" for i in range(len(bb.up_blocks))]
+        return ([f"down{i}" for i in range(len(bb.down_blocks))] + ["mid"]
+                + [f"up{i}" for i in range(len(bb.up_blocks))])
     if hasattr(bb, "transformer_blocks"):
         return [f"blk{i}" for i in range(len(bb.transformer_blocks))]
     raise UserError(f"cannot tap features of a {type(bb).__name__} backbone", "use a unet-* or dit-* architecture (model.arch)")
@@ -52,8 +54,8 @@ def available_taps(denoiser) -> list[str]:
 def default_taps(denoiser) -> list[str]:
     """UNet: every decoder (``up``) block. DiT: four evenly spaced blocks of the second half."""
     names = available_taps(denoiser)
-    if names[0] == "mid":
-        return names[1:]
+    if "mid" in names:
+        return [n for n in names if n.startswith("up")]
     n = len(names)
     picks = sorted({min(n - 1, n // 2 + round(i * (n - 1 - n // 2) / 3)) for i in range(4)})
     return [f"blk{i}" for i in picks]
@@ -63,6 +65,8 @@ def _module(denoiser, name: str) -> nn.Module:
     bb = denoiser.backbone
     if name == "mid" and hasattr(bb, "mid_block"):
         return bb.mid_block
+    if name.startswith("down") and hasattr(bb, "down_blocks"):
+        return bb.down_blocks[int(name[4:])]
     if name.startswith("up") and hasattr(bb, "up_blocks"):
         return bb.up_blocks[int(name[2:])]
     if name.startswith("blk") and hasattr(bb, "transformer_blocks"):

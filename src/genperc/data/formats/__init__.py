@@ -11,7 +11,10 @@ refcocog       refer root                                   :class:`RefCocoSourc
 nyuv2          nyu_depth_v2_labeled.mat                     :class:`NYUv2Source`
 coco           COCO root, or an instances_*.json            :class:`CocoSource`
 ade20k         ADEChallengeData2016/                        :class:`ADE20KSource`
-folder         generic folder (docs/data-formats.md)        :class:`FolderSource`
+folder         generic folder (docs/data-formats.md)        :class:`FolderSource`, or
+                                                            :class:`ClassFolderSource` (class subfolders)
+cifar10        cifar-10-batches-bin/ (binary)               :class:`CifarSource`
+cifar100       cifar-100-binary/ (binary; ``labels=``)      :class:`CifarSource`
 digits         ignored (scikit-learn ships the data)        :class:`DigitsSource`
 =============  ==========================================  ==========================================
 
@@ -26,16 +29,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from genperc.data.formats.ade20k import ADE20KSource
+from genperc.data.formats.cifar import CifarSource
 from genperc.data.formats.coco import CocoSource, find_coco_files
 from genperc.data.formats.common import PlainUnpickler, load_plain_pickle
 from genperc.data.formats.digits import DigitsSource
-from genperc.data.formats.folder import FolderSource
+from genperc.data.formats.folder import ClassFolderSource, FolderSource, is_class_folder
 from genperc.data.formats.nyuv2 import NYUv2Source, eigen_crop_mask
 from genperc.data.formats.refcoco import RefCocoSource
 from genperc.errors import UserError
 
 __all__ = [
-    "ADE20KSource", "CocoSource", "DigitsSource", "FolderSource", "NYUv2Source", "RefCocoSource",
+    "ADE20KSource", "CifarSource", "ClassFolderSource", "CocoSource", "DigitsSource", "FolderSource",
+    "NYUv2Source", "RefCocoSource",
     "PlainUnpickler", "load_plain_pickle", "eigen_crop_mask", "open_source", "register_format",
     "available_formats",
 ]
@@ -117,7 +122,19 @@ def _ade20k(path, split, **kw):
 
 @register_format("folder")
 def _folder(path, split, **kw):
-    return FolderSource(_need(path, "folder"), split=split, **kw)
+    if is_class_folder(_need(path, "folder"), split):
+        return ClassFolderSource(path, split=split, **kw)
+    return FolderSource(path, split=split, **kw)
+
+
+@register_format("cifar10")
+def _cifar10(path, split, **kw):
+    return CifarSource(_need(path, "cifar10"), split=split or "train", variant="cifar10", **kw)
+
+
+@register_format("cifar100")
+def _cifar100(path, split, **kw):
+    return CifarSource(_need(path, "cifar100"), split=split or "train", variant="cifar100", **kw)
 
 
 @register_format("digits")

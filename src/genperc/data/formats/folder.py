@@ -198,3 +198,52 @@ class FolderSource:
                            semantic=semantic, objects=self._objects(row),
                            expressions=self.expressions_at(index),
                            class_label=self._class_label(row), meta=meta)
+
+
+class ClassFolderSource:
+    """The image-folder layout of torchvision's ``ImageFolder``: the class is the subfolder.
+
+    ::
+
+        <root>/<split>/<class>/<name>.png|.jpg     (or <root>/<class>/… when split is None / "all")
+
+    Classes are the subfolder names, sorted (index = class label, as ``ImageFolder`` numbers them);
+    items are ordered by class, then by file name. ``open_source("folder", …)`` picks this layout
+    when the folder has no ``images/`` and no ``annotations.jsonl`` (the layout above)."""
+
+    def __init__(self, root, split: str | None = None):
+        root = existing(root, "data folder")
+        if split not in (None, "all"):
+            root = existing(root / split, f"split folder '{split}'",
+                            f"arrange the images as {root}/{split}/<class>/<image>.png")
+        self.root, self.split = root, split
+        self._items = []
+        self.classes = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if files:
+                self._items += [(f, len(self.classes)) for f in files]
+                self.classes.append(folder.name)
+        if not self._items:
+            raise UserError(f"no class folders with images in {root}",
+                            "arrange the images as <root>/<split>/<class>/<image>.png")
+        self.categories = self.classes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> SceneRecord:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        path, label = self._items[index]
+        return SceneRecord(image=read_image(path), class_label=label,
+                           meta={"source": "folder", "split": self.split, "file_name": f"{path.parent.name}/{path.name}"})
+
+
+def is_class_folder(root, split: str | None = None) -> bool:
+    """Whether ``root`` (for ``split``) is in the class-subfolder layout rather than the layout with
+    ``images/`` (:class:`FolderSource`)."""
+    root = Path(root)
+    if split not in (None, "all") and (root / split).is_dir():
+        root = root / split
+    return root.is_dir() and not (root / "images").is_dir() and not (root / "annotations.jsonl").exists()
