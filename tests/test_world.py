@@ -323,3 +323,12 @@ def test_split_statistics_agree_with_the_annotations():
     assert 0 < stats["farthest_depth_median_m"] <= stats["farthest_depth_p90_m"] <= deepest
     assert 0 < stats["object_cover_mean"] < 1
     assert split_statistics(source, limit=2)["scenes"] == 2
+
+
+def test_open_source_opens_the_world_by_name():
+    """open_source("world", …) imports the world lazily, which registers the format."""
+    from genperc.data.formats import available_formats, open_source
+    from genperc.data.world import WorldSource
+
+    source = open_source("world", Path(__file__).parent / "fixtures" / "world" / "multi32", "val")
+    assert isinstance(source, WorldSource) and len(source) > 0 and "world" in available_formats()

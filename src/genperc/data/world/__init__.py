@@ -12,8 +12,12 @@
 Mitsuba is imported lazily: reading a rendered split needs only numpy and Pillow.
 """
 
+from genperc.data.formats import register_format
 from genperc.data.world.format import WorldSource
 from genperc.data.world.scene import CATEGORIES, WORLD_PRESETS, WorldConfig
+
+# open_source("world", path, split) imports this package lazily (formats._LAZY); it registers here.
+register_format("world", lambda path, split, **kw: WorldSource(path, split=split or "train", **kw))
 
 __all__ = ["CATEGORIES", "WORLD_PRESETS", "WorldConfig", "WorldSource", "render_scene", "render_split", "render_world"]
 
