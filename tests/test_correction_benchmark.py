@@ -109,10 +109,12 @@ def test_agent_arm_in_eval_and_table3(referring_run, tmp_path):
     run = load_run(referring_run.run_dir, text_encoder=referring_run.text_encoder,
                    overrides=["task_options.threshold=442"])  # every pixel mask: every item has confusers
     res = evaluate_corrections(run, "test", correction="agent", limit=3, k=2)
-    assert res.arms() == ["round1", "agent"]
+    assert res.arms() == ["round1", "agent", "vote"]
     for row in res.rows:
         confusers = row["agent/confusers"].split("; ")
         assert 1 <= len(confusers) <= 2 and row["expression"] not in confusers
         assert row["agent/calls"] == 9 + len(confusers) * 3 * 4  # prediction + k corrections of 4 branches
+        assert row["vote/calls"] == 9 + 2 * 9  # its anchor: k = 2 uncorrected samples of 3 branches
     text = table3({"tiny": {"agent": res}}, tmp_path).read_text()
+    assert "| vote of k uncorrected samples (the agent's anchor) |" in text
     assert "| + correction by the agent |" in text and text.count("| model alone (round 1) |") == 1

@@ -110,6 +110,17 @@ def test_correctional_reduces_to_ip2p_when_negative_is_null():
     torch.testing.assert_close(a, b)
 
 
+def test_correctional_at_w_d_equal_w_d_minus_is_ip2p_whatever_the_negative():
+    """w·[ε(D⁻,I) − ε(φ,I)] + w·[ε(D,I) − ε(D⁻,I)] = w·[ε(D,I) − ε(φ,I)]: D⁻ cancels."""
+    cond = _cond()
+    ip2p = InstructPix2PixGuidance(text_scale=4.0, image_scale=1.5)
+    corr = CorrectionalGuidance(image_scale=1.5, negative_scale=4.0, text_scale=4.0, negative=NEG)
+    a = ip2p.combine([_f(b) for b in ip2p.branches(cond, NULL)])
+    b = corr.combine([_f(b) for b in corr.branches(cond, NULL)])
+    torch.testing.assert_close(a, b)
+    assert corr.weights()[1] == 0.0
+
+
 @pytest.mark.parametrize("text_scale,negative_scale", [(3.0, 3.0), (2.0, 4.0)])
 def test_correctional_accepts_w_d_not_above_w_d_minus_without_warning(text_scale, negative_scale):
     """ADDP only recommends w_D > w_D⁻ (§3.3); the ablation needs the other side too."""

@@ -76,7 +76,9 @@ def test_correct_each_batches_k_members_and_keeps_the_history(run, scene):
     masks, info = session.correct_each(["the circle", "the triangle", "the red square"])
     assert len(masks) == 3 and all(m.shape == (24, 24) and m.dtype == bool for m in masks)
     assert info["denoiser_calls"] == STEPS * 4 and info["seed"] == 2
-    assert len(session.history) == 1
+    samples, info = session.predict_each(3)
+    assert len(samples) == 3 and info["denoiser_calls"] == STEPS * 3
+    assert all(m.shape == (24, 24) for m in samples) and len(session.history) == 1
 
 
 def test_undo_export_and_mask_encoding(run, scene, tmp_path):

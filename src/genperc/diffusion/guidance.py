@@ -159,8 +159,10 @@ class CorrectionalGuidance:
 
     The paper *recommends* w_D > w_D⁻ ("by setting w_D > w_D⁻, Eq. 5 increases the margins between
     denoising from D and D⁻"); it is not a condition of the formula, and the other side is
-    accepted without a warning so that ablations can cross it (w_D = w_D⁻ drops the D-vs-D⁻
-    margin and leaves guidance by D⁻ alone; w_D < w_D⁻ pulls towards D⁻).
+    accepted without a warning so that ablations can cross it. At w_D = w_D⁻ the two D⁻ terms cancel,
+    w·[ε(D⁻,I) − ε(φ_D,I)] + w·[ε(D,I) − ε(D⁻,I)] = w·[ε(D,I) − ε(φ_D,I)]: InstructPix2Pix guidance
+    with s_T = w_D, whatever D⁻ is (the anchor a correction is measured against); w_D < w_D⁻ gives
+    D⁻ a positive weight (w_D⁻ − w_D) and pulls towards it.
     ``negative`` carries D⁻ in ``text``/``text_mask`` (batch 1 or B; its token length may differ
     from D's — the branches are padded to one length when batched). With D⁻ = φ_D this is
     InstructPix2Pix guidance with s_T = w_D, s_I = w_I. The paper gives no weights (REFERENCE.md:

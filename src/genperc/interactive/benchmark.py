@@ -9,9 +9,12 @@ expression family on held-out scenes.
   negatives compose as their mean, :class:`~genperc.diffusion.guidance.CorrectionalGuidance`), so
   rounds 1 → 2 → 3 is the multi-round interaction of Fig. 1c.
 * **Agent**: caption → language model → k corrections in one batched run → pixel vote
-  (:mod:`genperc.interactive.agent`), one extra round.
+  (:mod:`genperc.interactive.agent`), one extra round; beside it the arm ``vote``: the same vote
+  over k *uncorrected* samples drawn the same way (:meth:`CorrectionSession.predict_each`), so that
+  the gain of correction is not confused with the gain of an ensemble.
 * **Weight grid**: round 2 of the oracle at every (w_D, w_D⁻), including w_D ≤ w_D⁻ (the paper
-  recommends w_D > w_D⁻ and publishes no values).
+  recommends w_D > w_D⁻ and publishes no values). At w_D = w_D⁻ the D⁻ terms cancel (InstructPix2Pix
+  at s_T = w_D), so those cells are the uncorrected anchors of each w_D.
 
 Every round reuses the round-1 sample's seed, so a round differs from the last only by its
 guidance. Costs: denoiser evaluations per image (steps × guidance branches, counted) and seconds,
@@ -36,7 +39,8 @@ from genperc.inference import LoadedRun, machine_info, machine_line
 from genperc.interactive.session import CorrectionSession, unique_description
 
 CORRECTIONS = ("none", "oracle", "agent")
-DEFAULT_GRID = ((1.5, 1.0), (3.0, 1.0), (5.0, 1.0), (3.0, 3.0), (1.5, 3.0), (3.0, 0.0))
+#: (w_D, w_D⁻) cells; w_D = w_D⁻ cancels D⁻ (InstructPix2Pix at s_T = w_D): each w_D's own anchor.
+DEFAULT_GRID = ((1.5, 1.0), (1.5, 1.5), (3.0, 1.0), (3.0, 3.0), (5.0, 1.0), (5.0, 5.0), (1.5, 3.0), (3.0, 0.0))
 
 
 def wrong_object(scene, mask: np.ndarray, target_ids: list[int], named=()) -> int | None:
@@ -145,6 +149,7 @@ def evaluate_corrections(run: LoadedRun, split: str = "test", *, correction: str
                                  w_d=w_d, w_dminus=w_dminus, w_i=w_i, seed=seed)
                 _score(row, "agent", done.mask, target, done.denoiser_calls, done.seconds)
                 row["agent/confusers"] = "; ".join(done.agent.get("confusers", []))
+                _vote_anchor(session, first, row, target, k, w_d, w_i)
             result.rows.append(row)
             if progress and len(result.rows) % 20 == 0:
                 print(f"  {len(result.rows)} expressions, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -154,6 +159,15 @@ def evaluate_corrections(run: LoadedRun, split: str = "test", *, correction: str
         raise UserError(f"the {split} split has no referring expressions", "use a split with expressions")
     result.settings["seconds"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+def _vote_anchor(session, first, row, target, k, w_d, w_i) -> None:
+    """Arm ``vote``: the agent's vote (ties → the first prediction) over k uncorrected samples."""
+    from genperc.interactive.agent import majority_vote
+
+    masks, info = session.predict_each(k, w_d=w_d, w_i=w_i)
+    _score(row, "vote", majority_vote(masks, tie=first.mask), target, first.denoiser_calls + info["denoiser_calls"] * k,
+           first.seconds + info["seconds"])
 
 
 def _oracle_rounds(session, scene, target_ids, target, row, rounds, w_d, w_dminus, w_i, grid) -> None:
@@ -206,7 +220,8 @@ def table3(results: dict[str, dict[str, CorrectionEval]], out: str | Path) -> Pa
              f"`{any_eval.settings['split']}` split; oIoU in %, mean ± std over runs.", "",
              "| Table 3 | oIoU | " + " | ".join(families) + " | denoiser calls / image (cumulative) | s / image |",
              "|---|---|" + "---|" * len(families) + "---|---|"]
-    labels = {"round1": "model alone (round 1)", "agent": "+ correction by the agent"}
+    labels = {"round1": "model alone (round 1)", "agent": "+ correction by the agent",
+              "vote": "vote of k uncorrected samples (the agent's anchor)"}
     for c, a in main_arms:
         label = labels.get(a, f"+ oracle user, round {a.removeprefix('round')}")
         calls = fmt_mean_std([summaries[n][c].get(f"{a}/calls") for n in summaries], digits=0)

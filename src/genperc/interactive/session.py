@@ -175,6 +175,18 @@ class CorrectionSession:
                                                 seed, callback)
         return masks, {"seconds": seconds, "denoiser_calls": calls, "weights": weights, "seed": seed}
 
+    def predict_each(self, k: int, *, expression: str | None = None, w_d=None, w_i=None, seed: int | None = None,
+                     ) -> tuple[list[np.ndarray], dict]:
+        """k uncorrected samples of one image in one batched call, drawn exactly as
+        :meth:`correct_each` draws its members — the anchor an agent's vote is measured against
+        (the same vote without correction). Not added to the history."""
+        if k < 1:
+            raise UserError(f"k={k} samples", "ask for at least one")
+        expression, seed = self._defaults(expression, seed)
+        weights = self.default_weights(w_d, None, w_i)
+        masks, _, seconds, calls = self._sample([expression] * k, None, weights, seed, None)
+        return masks, {"seconds": seconds, "denoiser_calls": calls, "weights": weights, "seed": seed}
+
     def add_round(self, round: Round) -> Round:
         if round.kind not in KINDS:
             raise ValueError(f"round kind {round.kind!r} not in {KINDS}")
