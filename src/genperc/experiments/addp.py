@@ -413,8 +413,8 @@ def open_experiment(task: str, spec: ExperimentSize, size_name: str, seeds: int,
     workers = 1 if torch.cuda.is_available() else (spec.workers if workers is None else max(1, workers))
     threads = spec.threads if threads is None else threads
     codec = build.build_task(cfg)
-    items = {split: len(codec.dataset(open_scene_source(cfg.data, split), cfg.data.resolution))
-             for split in ("train", "val", "test")}
+    sources = {split: open_scene_source(cfg.data, split) for split in ("train", "val", "test")}
+    items = {split: len(codec.dataset(src, cfg.data.resolution)) for split, src in sources.items()}
     test_indices = eval_indices(items["test"], spec.eval_items, 1234)
     val_indices = eval_indices(items["val"], spec.calib_items, 4321)
     results_path = out / "results.json"
@@ -422,6 +422,7 @@ def open_experiment(task: str, spec: ExperimentSize, size_name: str, seeds: int,
     results.setdefault("runs", {})
     results.update({"task": task, "size": size_name, "seeds": seeds, "size_spec": asdict(spec),
                     "train_items": items["train"], "test_items": len(test_indices), "val_items": len(val_indices),
+                    "train_scenes": len(sources["train"]),
                     "main_metric": codec.main_metric, "strategies": names, "intensities": levels,
                     "discriminative": discriminative,
                     "workers": workers, "threads": threads, "config": cfg.to_dict(), "machine": machine_line()})
@@ -594,7 +595,7 @@ def _setup_lines(results: dict) -> list[str]:
             f"Machine: {results['machine']}; {results['workers']} worker process(es) × "
             f"{results['threads'] or 'default'} torch thread(s). {results['seeds']} seed(s), mean ± std over seeds. "
             f"Every run: {spec['steps']} steps of batch {spec['batch_size']} on {results['train_items']} training "
-            f"items ({spec['resolution']}×{spec['resolution']}, {spec['scenes']['train']} scenes), scored on "
+            f"items ({spec['resolution']}×{spec['resolution']}, {results.get('train_scenes', spec['scenes']['train'])} scenes), scored on "
             f"{results['test_items']} test items ({sample['sampler']}, {sample['steps']} steps); the perception c² "
             f"from {results['val_items']} val items.", ""]
 
