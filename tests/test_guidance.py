@@ -101,24 +101,16 @@ def test_branches_follow_the_documented_layout():
     assert Conditioning.cat(cg).batch_size == 4 * B
 
 
-def test_correctional_reduces_to_ip2p_when_negative_is_null():
+@pytest.mark.parametrize("negative,w_dminus", [(NULL, 2.5), (NEG, 6.0)])
+def test_correctional_reduces_to_ip2p(negative, w_dminus):
+    """Eq. 5 is InstructPix2Pix (s_T = w_D) when D⁻ is the null text, and — whatever D⁻ is — when
+    w_D = w_D⁻: w·[ε(D⁻,I) − ε(φ,I)] + w·[ε(D,I) − ε(D⁻,I)] = w·[ε(D,I) − ε(φ,I)]."""
     cond = _cond()
     ip2p = InstructPix2PixGuidance(text_scale=6.0, image_scale=1.7)
-    corr = CorrectionalGuidance(image_scale=1.7, negative_scale=2.5, text_scale=6.0, negative=NULL)
+    corr = CorrectionalGuidance(image_scale=1.7, negative_scale=w_dminus, text_scale=6.0, negative=negative)
     a = ip2p.combine([_f(b) for b in ip2p.branches(cond, NULL)])
     b = corr.combine([_f(b) for b in corr.branches(cond, NULL)])
     torch.testing.assert_close(a, b)
-
-
-def test_correctional_at_w_d_equal_w_d_minus_is_ip2p_whatever_the_negative():
-    """w·[ε(D⁻,I) − ε(φ,I)] + w·[ε(D,I) − ε(D⁻,I)] = w·[ε(D,I) − ε(φ,I)]: D⁻ cancels."""
-    cond = _cond()
-    ip2p = InstructPix2PixGuidance(text_scale=4.0, image_scale=1.5)
-    corr = CorrectionalGuidance(image_scale=1.5, negative_scale=4.0, text_scale=4.0, negative=NEG)
-    a = ip2p.combine([_f(b) for b in ip2p.branches(cond, NULL)])
-    b = corr.combine([_f(b) for b in corr.branches(cond, NULL)])
-    torch.testing.assert_close(a, b)
-    assert corr.weights()[1] == 0.0
 
 
 @pytest.mark.parametrize("text_scale,negative_scale", [(3.0, 3.0), (2.0, 4.0)])
