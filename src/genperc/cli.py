@@ -49,8 +49,9 @@ def _experiment_correct(
     split: str = typer.Option("test", help="Held-out split of the runs' data."),
     limit: int = typer.Option(160, help="Expressions per run (the split's first N)."),
     rounds: int = typer.Option(3, help="Oracle rounds (1 → 2 → 3)."),
-    grid: str = typer.Option("1.5:1,3:1,5:1,3:3,1.5:3,3:0", help="(w_D, w_D⁻) cells at oracle round 2, "
-                             "w_D:w_D⁻ comma-separated; include w_D ≤ w_D⁻ to cross the paper's recommendation."),
+    grid: str = typer.Option(None, help="(w_D, w_D⁻) cells at oracle round 2, w_D:w_D⁻ comma-separated (default: "
+                             "1.5:1,1.5:1.5,3:1,3:3,5:1,5:5,1.5:3,3:0 — w_D = w_D⁻ is each w_D's uncorrected anchor, "
+                             "w_D < w_D⁻ crosses the paper's recommendation)."),
     agent: bool = typer.Option(True, "--agent/--no-agent", help="Also correct with the agent."),
     k: int = typer.Option(3, help="Confusers the agent corrects and votes over."),
     captioner: str = typer.Option("scene", help="Agent captioner: scene | transformers:DIR | openai:URL#MODEL."),
@@ -60,9 +61,10 @@ def _experiment_correct(
 ):
     """ADDP Table 3: the model alone vs + correctional guidance by the agent and by an oracle user
     (rounds, weight grid), by expression family, with the cost per image."""
-    from genperc.interactive.benchmark import parse_grid, run_table3
+    from genperc.interactive.benchmark import DEFAULT_GRID, parse_grid, run_table3
 
-    path = run_table3(runs, out, split=split, limit=limit, rounds=rounds, grid=parse_grid(grid), agent=agent, k=k,
+    cells = DEFAULT_GRID if grid is None else parse_grid(grid)
+    path = run_table3(runs, out, split=split, limit=limit, rounds=rounds, grid=cells, agent=agent, k=k,
                       seed=seed, captioner=captioner, language_model=language_model)
     typer.echo(path.read_text())
     typer.echo(f"wrote {path}")
