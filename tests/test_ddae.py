@@ -341,3 +341,40 @@ def test_preset_trains_saves_resumes_loads_and_samples(tmp_path, preset):
                  schedule=run.schedule, sampler="ddpm", num_steps=3, guidance=ClassifierFreeGuidance(2.0),
                  null_cond=Conditioning(class_labels=torch.tensor([10])), generator=torch.Generator().manual_seed(0))
     assert out.sample.shape == (4, 3, 8, 8) and torch.isfinite(out.sample).all()
+
+
+DDP_SCRIPT = r"""
+import hashlib, sys
+from genperc.config import load_config
+from genperc.training.trainer import Trainer
+tr = Trainer(load_config("ddae-cpu", sys.argv[2:]), sys.argv[1])
+tr.train()
+teacher = next(o for o in tr.objectives if hasattr(o, "teacher")).teacher.net
+params = [*tr.unwrapped.parameters(), *teacher.parameters()]
+h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
+open(f"{sys.argv[1]}/hash-{tr.accelerator.process_index}", "w").write(h)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_agree_with_gathered_keys(tmp_path):
+    """The student's features pass runs outside DDP's forward and the keys are gathered over ranks:
+    both ranks must still end with the same student and teacher."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), str(run), *TINY, "train.batch_size=4", "train.steps=3", "train.checkpoint_every=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "hash-0").read_text() == (run / "hash-1").read_text()
