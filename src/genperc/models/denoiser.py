@@ -34,6 +34,9 @@ Conventions shared by every backbone:
   RNG.
 * ``learned_variance`` doubles the output channels (improved DDPM, GenRep's σ_base); the raw output
   tensor is returned and the diffusion core splits it.
+* DDAE++ self-conditioning and the heads of its contrastive self-distillation are optional
+  submodules (``self_conditioning``, ``contrastive_heads``) built from the config and saved with the
+  weights; the backbone stays the plain diffusers model (:mod:`genperc.models.selfcond`).
 
 A checkpoint is ``config.json`` (this module's :class:`DenoiserConfig`, including the diffusers
 class name and config of the backbone) plus ``model.safetensors`` (the whole state dict), so a

@@ -26,7 +26,9 @@ Strategy contracts (duck-typed):
   dropout and does no augmentation: ``ctx.x0/x_t/noise/t/weights/output`` are None and
   ``ctx.cond`` is ``ctx.clean_cond``. An objective with its own forward runs it under
   ``ctx.autocast()`` (the trainer's mixed precision) and reads the conditions before dropout from
-  ``ctx.clean_cond``. Default objectives: :func:`objectives.default_objectives` (by ``model.mode``).
+  ``ctx.clean_cond``. Default objectives: :func:`objectives.default_objectives` (by ``model.mode``;
+  DDAE++'s contrastive self-distillation with ``train.contrastive.enabled``). An objective's own random
+  draws come from ``ctx.generator`` (the trainer's, saved in checkpoints).
 * a **combiner** has ``backward(groups, accelerator, scale)``. A combiner that averages gradients
   over processes itself sets ``reduces_gradients = True``: the trainer then runs every micro-batch
   under ``accelerator.no_sync`` so that DDP does not reduce them a second time.
@@ -149,7 +151,7 @@ class Trainer:
             self.ema = EMAModel(self.unwrapped.parameters(), decay=tc.ema_decay, foreach=True)
         self.objectives = objectives or default_objectives(cfg, self.task, self.unwrapped)
         hooks = list(hooks or [])
-        self.hooks = hooks + [o for o in self.objectives if hasattr(o, "after_step") and o not in hooks]
+        self.hooks = hooks + [o for o in self.objectives if hasattr(o, "after_step") and all(o is not h for h in hooks)]
         self.step = 0
         self.generator = torch.Generator(device=self.accelerator.device)
         self.generator.manual_seed(tc.seed * 7919 + self.accelerator.process_index)
