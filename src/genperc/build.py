@@ -51,9 +51,10 @@ def build_model(cfg: RunConfig, task: Task, space, text_encoder):
     cond_ch = space.channels(task.cond_channels) if task.cond_channels else 0
     text_dim = text_encoder.dim if text_encoder is not None else 0
     size = cfg.model.sample_size // space.scale_factor
+    ddae = ddae_options(cfg)
     if cfg.model.pretrained:
         return Denoiser.from_diffusers(cfg.model.pretrained, cond_channels=cond_ch, text_dim=text_dim,
-                                       widen_mode=getattr(task, "widen_mode", "zero"))
+                                       widen_mode=getattr(task, "widen_mode", "zero"), seed=cfg.train.seed, **ddae)
     return create_denoiser(
         cfg.model.arch,
         sample_size=size,
@@ -63,7 +64,22 @@ def build_model(cfg: RunConfig, task: Task, space, text_encoder):
         num_classes=getattr(task, "num_classes", 0),
         learned_variance=cfg.diffusion.learned_variance,
         seed=cfg.train.seed,
+        **ddae,
     )
+
+
+def ddae_options(cfg: RunConfig) -> dict:
+    """The denoiser's DDAE++ fields from ``model.self_conditioning`` and ``train.contrastive`` (None = off)."""
+    from dataclasses import asdict
+
+    from genperc.models.selfcond import AUGMENT_DIM
+
+    sc, c = cfg.model.self_conditioning, cfg.train.contrastive
+    heads = None
+    if c.enabled:
+        heads = {"hidden": c.hidden, "proj_dim": c.proj_dim, "pred_dim": c.pred_dim,
+                 "aug_dim": AUGMENT_DIM if c.aug_cond else 0}
+    return {"self_conditioning": asdict(sc) if sc.enabled else None, "contrastive_heads": heads}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 import warnings
@@ -27,6 +28,41 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 
 MODEL_MODES = ("generative", "discriminative")
+SELF_CONDITIONING_BLOCK = re.compile(r"^(mid|down\d+|up\d+|blk\d+)$")
+
+
+def _in_range(key: str, value, lo, hi, *, lo_open: bool = False, fix: str = "") -> None:
+    """A :class:`UserError` naming ``key`` and its range unless lo ≤ value ≤ hi (lo < value with ``lo_open``)."""
+    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        raise UserError(f"{key}={value} must lie in {'(' if lo_open else '['}{lo}, {hi}]", fix or f"set {key} in that range")
+
+
+@dataclass
+class SelfConditioningConfig:
+    """DDAE++ self-conditioning (``model.self_conditioning``; :mod:`genperc.models.selfcond` has the method).
+
+    enabled:       route pooled features of ``block`` back into the conditioning of the later blocks.
+    block:         ``mid`` (default: the UNet bottleneck; on a DiT the last block of the first half),
+                   ``down{i}`` / ``up{i}`` (UNet) or ``blk{i}`` (DiT); a block without a later block is refused.
+    hidden:        hidden width of the projection MLP (pooled features → conditioning width).
+    time_adaptive: scale by a zero-initialised per-channel gate that is a learned function of t
+                   (False: a zero-initialised per-channel gate constant in t — the ablation).
+    stop_grad:     stop the gradient of the routed path at the pooled features (default False: the
+                   encoder is trained through the route, the "tighter bottleneck" of the abstract).
+    """
+
+    enabled: bool = False
+    block: str = "mid"
+    hidden: int = 256
+    time_adaptive: bool = True
+    stop_grad: bool = False
+
+    def __post_init__(self):
+        if not SELF_CONDITIONING_BLOCK.match(str(self.block)):
+            raise UserError(f"model.self_conditioning.block={self.block!r} is not a block name",
+                            "use mid, down<i>, up<i> (UNet) or blk<i> (DiT), e.g. model.self_conditioning.block=mid")
+        _in_range("model.self_conditioning.hidden", self.hidden, 1, 65536)
 
 
 @dataclass
@@ -51,6 +87,7 @@ class ModelConfig:
     text_encoder: str = "minilm"  # "minilm", "none" or a local CLIP text-encoder directory
     text_max_length: int = 32
     mode: str = "generative"  # generative | discriminative (see the class docstring)
+    self_conditioning: SelfConditioningConfig = field(default_factory=SelfConditioningConfig)  # DDAE++
 
     def __post_init__(self):
         if self.mode not in MODEL_MODES:
@@ -69,6 +106,53 @@ class DataConfig:
     resolution: int = 32
     num_workers: int = 0
     options: dict = field(default_factory=dict)  # source-specific keyword arguments
+
+
+@dataclass
+class ContrastiveConfig:
+    """DDAE++ contrastive self-distillation (``train.contrastive``; :mod:`genperc.training.contrastive`).
+
+    enabled:      add the InfoNCE loss of two augmented views (needs ``model.self_conditioning.enabled``:
+                  the student reads the self-conditioning features).
+    weight:       its weight next to the diffusion loss.
+    temperature:  τ of MoCo v3's InfoNCE (the loss is scaled by 2τ, as MoCo v3 does).
+    momentum:     m of the EMA teacher, θ_teacher ← m·θ_teacher + (1 − m)·θ_student, every optimizer step
+                  (constant; not the sampling EMA ``train.ema_decay``).
+    t:            the distillation timestep of both views (a training timestep, 0 … T−1) …
+    t_range:      … or ``[lo, hi]``: one t per view and sample, uniform in lo … hi (inclusive); [] = use ``t``.
+    hidden:       hidden width of the projector (MoCo v3: 4096).
+    proj_dim:     output width of projector and predictor (MoCo v3: 256).
+    pred_dim:     hidden width of the predictor (MoCo v3: 4096).
+    aug_strength: scale of crop, colour-jitter ranges (1 = the module's documented ranges, 0 = none).
+    flip:         random horizontal flips of the views.
+    aug_cond:     feed the augmentation parameters to the network as a conditioning vector (EDM-style).
+    """
+
+    enabled: bool = False
+    weight: float = 0.1
+    temperature: float = 0.2
+    momentum: float = 0.99
+    t: int = 11
+    t_range: list[int] = field(default_factory=list)
+    hidden: int = 1024
+    proj_dim: int = 256
+    pred_dim: int = 1024
+    aug_strength: float = 1.0
+    flip: bool = True
+    aug_cond: bool = False
+
+    def __post_init__(self):
+        key = "train.contrastive."
+        _in_range(key + "weight", self.weight, 0, 100)
+        _in_range(key + "temperature", self.temperature, 0, 10, lo_open=True)
+        _in_range(key + "momentum", self.momentum, 0, 1, fix="use e.g. 0.99 (1 freezes the teacher)")
+        _in_range(key + "t", self.t, 0, 10**6)
+        if self.t_range and (len(self.t_range) != 2 or not 0 <= self.t_range[0] <= self.t_range[1]):
+            raise UserError(f"{key}t_range={self.t_range} is not [lo, hi] with 0 <= lo <= hi",
+                            f"write e.g. {key}t_range=[0,100], or {key}t_range=[] to use {key}t")
+        for name in ("hidden", "proj_dim", "pred_dim"):
+            _in_range(key + name, getattr(self, name), 1, 65536)
+        _in_range(key + "aug_strength", self.aug_strength, 0, 2)
 
 
 @dataclass
@@ -95,6 +179,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     progress: bool = True
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # DDAE++
 
 
 @dataclass
@@ -135,6 +220,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        if self.train.contrastive.enabled and not self.model.self_conditioning.enabled:
+            raise UserError("train.contrastive.enabled needs model.self_conditioning.enabled "
+                            "(the student reads the self-conditioning features, DDAE++)",
+                            "set model.self_conditioning.enabled=true, or train.contrastive.enabled=false")
+        c, steps = self.train.contrastive, self.diffusion.num_train_timesteps
+        key, last = ("t_range", c.t_range[1]) if c.t_range else ("t", c.t)
+        if last >= steps:
+            raise UserError(f"train.contrastive.{key}={c.t_range or c.t} must lie in [0, {steps - 1}]",
+                            f"the distillation timestep is a training timestep (diffusion.num_train_timesteps={steps})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,9 @@ Conventions shared by every backbone:
   RNG.
 * ``learned_variance`` doubles the output channels (improved DDPM, GenRep's σ_base); the raw output
   tensor is returned and the diffusion core splits it.
+* DDAE++ self-conditioning and the heads of its contrastive self-distillation are optional
+  submodules (``self_conditioning``, ``contrastive_heads``) built from the config and saved with the
+  weights; the backbone stays the plain diffusers model (:mod:`genperc.models.selfcond`).
 
 A checkpoint is ``config.json`` (this module's :class:`DenoiserConfig`, including the diffusers
 class name and config of the backbone) plus ``model.safetensors`` (the whole state dict), so a
@@ -42,6 +45,7 @@ saved denoiser is rebuilt exactly, even if the architecture registry changes lat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -84,6 +88,12 @@ class DenoiserConfig:
       learned_variance: predict the variance interpolation ``v`` as extra output channels
                        (improved DDPM).
 
+    DDAE++ fields (:mod:`genperc.models.selfcond`; None = off, and checkpoints saved before they
+    existed load as off):
+      self_conditioning:  a :class:`~genperc.config.SelfConditioningConfig` as a dict.
+      contrastive_heads:  ``{hidden, proj_dim, pred_dim, aug_dim}`` of the
+                          :class:`~genperc.models.selfcond.ContrastiveHeads` (needs self-conditioning).
+
     Architecture fields (filled from the registry):
       backbone:        "unet" or "dit".
       block_out_channels, layers_per_block, attention_levels (one bool per resolution level,
@@ -106,6 +116,8 @@ class DenoiserConfig:
     text_dim: int = 0
     num_classes: int = 0
     learned_variance: bool = False
+    self_conditioning: dict[str, Any] | None = None
+    contrastive_heads: dict[str, int] | None = None
     # architecture
     backbone: str = "unet"
     block_out_channels: tuple[int, ...] = (32, 64, 64)
@@ -174,6 +186,20 @@ def _backbone_class(name: str) -> type:
     if name not in _BACKBONES:
         raise UserError(f"unsupported backbone class {name!r}", f"supported: {', '.join(_BACKBONES)}")
     return getattr(importlib.import_module(_BACKBONES[name]), name)
+
+
+def _seeded(seed: int | None):
+    """A context that builds from ``seed`` without touching the global RNG (nothing when None)."""
+    if seed is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctx():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    return ctx()
 
 
 def _check(cond: bool, problem: str, fix: str) -> None:
@@ -329,20 +355,33 @@ class Denoiser(nn.Module):
         (diffusers initialises from it, so the build runs inside ``torch.random.fork_rng``)."""
         super().__init__()
         config = replace(config)  # the caller's object is left untouched
-        if backbone is None:
-            if seed is None:
+        with _seeded(seed):
+            if backbone is None:
                 class_name, backbone = build_backbone(config)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    class_name, backbone = build_backbone(config)
-        else:
-            class_name = type(backbone).__name__
-            _disable_label_dropout(backbone)
-        config.backbone_class = class_name
-        config.backbone_config = _plain_config(backbone)
-        self.config = config
-        self.backbone = backbone
+                class_name = type(backbone).__name__
+                _disable_label_dropout(backbone)
+            config.backbone_class = class_name
+            config.backbone_config = _plain_config(backbone)
+            self.config = config
+            self.backbone = backbone
+            self._build_ddae(config)
+
+    def _build_ddae(self, config: DenoiserConfig) -> None:
+        """DDAE++ self-conditioning and contrastive heads (:mod:`genperc.models.selfcond`), when configured."""
+        from genperc.config import SelfConditioningConfig
+        from genperc.models.selfcond import ContrastiveHeads, SelfConditioning
+
+        self.self_conditioning = self.contrastive_heads = None
+        sc = config.self_conditioning
+        if sc is not None and sc.get("enabled", True):
+            self.self_conditioning = SelfConditioning(self.backbone, SelfConditioningConfig(**sc))
+        if config.contrastive_heads is not None:
+            if self.self_conditioning is None:
+                raise UserError("contrastive heads read the self-conditioning features, which this denoiser lacks",
+                                "enable model.self_conditioning with train.contrastive")
+            self.contrastive_heads = ContrastiveHeads(self.self_conditioning.channels, self.self_conditioning.width,
+                                                      **config.contrastive_heads)
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -360,7 +399,13 @@ class Denoiser(nn.Module):
         return next(self.parameters()).dtype
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute activations in the backward pass (diffusers' checkpointing of the backbone)."""
+        """Recompute activations in the backward pass (diffusers' checkpointing of the backbone).
+
+        Refused for a DiT with self-conditioning: diffusers recomputes whole DiT blocks in the
+        backward pass, outside the forward whose self-conditioning offset they received."""
+        if self.self_conditioning is not None and self.config.backbone != "unet":
+            raise UserError("gradient checkpointing of a DiT with self-conditioning would recompute its blocks "
+                            "without the self-conditioning offset", "switch one of the two off")
         self.backbone.enable_gradient_checkpointing()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -374,6 +419,36 @@ class Denoiser(nn.Module):
         Returns the raw backbone output [B, out_channels, H, W] (ε, x0 or v as trained; with
         ``learned_variance`` the second half of the channels is the variance interpolation).
         """
+        sc = self.self_conditioning
+        x, t, text, text_mask, labels = self._inputs(x_t, t, cond)
+        with sc.running(t) if sc is not None else contextlib.nullcontext():
+            return self._backbone_forward(x, t, text, text_mask, labels)
+
+    def self_condition_features(self, x_t: Tensor, t: Tensor | int | float, cond: Conditioning | None = None,
+                                augment: Tensor | None = None) -> Tensor:
+        """The pooled features [B, C] of the self-conditioning block (DDAE++) for (x_t, t, cond).
+
+        The backbone runs only up to that block (the pass ends there). ``augment`` [B, 9] are the
+        augmentation parameters of the views (:func:`genperc.training.contrastive.augment_views`),
+        embedded into every block's conditioning when the contrastive heads have an augmentation
+        embedding (``aug_cond``); zeros or None mean "not augmented"."""
+        sc = self.self_conditioning
+        if sc is None:
+            raise UserError("this denoiser has no self-conditioning features", "build it with model.self_conditioning.enabled=true")
+        from genperc.models.selfcond import StopForward
+
+        x, t, text, text_mask, labels = self._inputs(x_t, t, cond)
+        heads = self.contrastive_heads
+        extra = None
+        if augment is not None and heads is not None and heads.augment is not None:
+            extra = heads.augment(augment.to(heads.augment.weight.dtype))
+        with sc.running(t, extra=extra, stop=True) as current:
+            with contextlib.suppress(StopForward):
+                self._backbone_forward(x, t, text, text_mask, labels)
+        return current.pooled
+
+    def _inputs(self, x_t: Tensor, t, cond: Conditioning | None):
+        """(backbone input, t [B], text, text mask, class labels), checked."""
         cfg = self.config
         cond = cond if cond is not None else Conditioning()
         if x_t.ndim != 4:
@@ -388,7 +463,10 @@ class Denoiser(nn.Module):
         t = self._timesteps(t, b, x.device)
         text, text_mask = self._text(cond, b, x.dtype)
         labels = self._labels(cond.class_labels, b, x.device)
+        return x, t, text, text_mask, labels
 
+    def _backbone_forward(self, x: Tensor, t: Tensor, text, text_mask, labels) -> Tensor:
+        b = x.shape[0]
         if self.config.backbone_class == "UNet2DConditionModel":
             return self.backbone(
                 x,
@@ -578,6 +656,9 @@ class Denoiser(nn.Module):
         num_classes: int | None = None,
         variant: str | None = None,
         image_first: bool | None = None,
+        self_conditioning: dict[str, Any] | None = None,
+        contrastive_heads: dict[str, int] | None = None,
+        seed: int | None = None,
     ) -> Denoiser:
         """Wrap a local pretrained diffusers UNet (SD / InstructPix2Pix / Marigold layout).
 
@@ -594,6 +675,8 @@ class Denoiser(nn.Module):
         (768). ``num_classes`` (default: the UNet's own, usually none) adds a zero-initialised class
         embedding with a null row, so the pretrained behaviour is unchanged at start. UNets with
         other extra conditioning (SDXL's added time ids, upscalers' noise-level class) are refused.
+        ``self_conditioning`` / ``contrastive_heads`` add DDAE++'s modules (:class:`DenoiserConfig`),
+        initialised from ``seed``.
         """
         from genperc.models.pretrained import (
             add_class_embedding,
@@ -658,6 +741,8 @@ class Denoiser(nn.Module):
             layers_per_block=int(c.layers_per_block) if isinstance(c.layers_per_block, int) else 0,
             attention_levels=levels,
             norm_num_groups=int(c.norm_num_groups or 32),
+            self_conditioning=self_conditioning,
+            contrastive_heads=contrastive_heads,
             source=str(Path(path).resolve()),
         )
-        return cls(config, backbone=unet)
+        return cls(config, backbone=unet, seed=seed)

@@ -14,6 +14,7 @@ unet-tiny      UNet2DConditionModel        2.0 M / 1.1 M          CPU, tests, 32
 unet-small     UNet2DConditionModel        18.8 M / 11.3 M        GPU, 64×64
 unet-base      UNet2DConditionModel        95.5 M / 62.8 M        GPU, 64–128
 dit-small      PixArt (text) / DiT         29.8 M / 35.2 M        DiT-S/2, GPU, 32×32 latents
+dit-tiny       PixArt (text) / DiT         1.8 M / 2.1 M          CPU, tests, 16×16 (DDAE++ preset)
 =============  ==========================  =====================  ======================
 
 (The DiT figure is for 10 classes; diffusers' DiT keeps a timestep+label embedder per block.)
@@ -82,6 +83,16 @@ register_architecture(
     num_layers=12,
     num_attention_heads=6,
     attention_head_dim=64,
+    patch_size=2,
+)
+
+register_architecture(
+    "dit-tiny",
+    backbone="dit",
+    sample_size=16,
+    num_layers=6,
+    num_attention_heads=4,
+    attention_head_dim=32,
     patch_size=2,
 )
 

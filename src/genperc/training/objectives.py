@@ -66,6 +66,7 @@ class StepContext:
     clean_cond: Conditioning | None = None  # the conditions before conditioning dropout
     space: object = None  # the image space (pixels or VAE latents) x0 and the model live in
     autocast: object = None  # callable → the trainer's mixed-precision context, for an objective's own forward
+    generator: torch.Generator | None = None  # the trainer's generator, for an objective's own random draws
 
 
 class DenoisingLoss(NamedTuple):
@@ -175,12 +176,19 @@ class DiscriminativeObjective:
         return self.task.discriminative_loss(output, ctx.batch)
 
 
-def default_objectives(cfg, task) -> list:
+def default_objectives(cfg, task, model=None) -> list:
     """The objectives of a run when none are given: the denoising loss, or for
-    ``model.mode: discriminative`` the task's own loss of the one-step forward."""
+    ``model.mode: discriminative`` the task's own loss of the one-step forward; with
+    ``train.contrastive.enabled`` also DDAE++'s contrastive self-distillation of ``model`` (the
+    unwrapped denoiser, :mod:`genperc.training.contrastive`)."""
     if cfg.model.mode == "discriminative":
         return [DiscriminativeObjective(task)]
-    return [DiffusionObjective()]
+    objectives = [DiffusionObjective()]
+    if cfg.train.contrastive.enabled:
+        from genperc.training.contrastive import ContrastiveSelfDistillation
+
+        objectives.append(ContrastiveSelfDistillation(model, cfg.train.contrastive))
+    return objectives
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:

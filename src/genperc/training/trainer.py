@@ -26,12 +26,18 @@ Strategy contracts (duck-typed):
   dropout and does no augmentation: ``ctx.x0/x_t/noise/t/weights/output`` are None and
   ``ctx.cond`` is ``ctx.clean_cond``. An objective with its own forward runs it under
   ``ctx.autocast()`` (the trainer's mixed precision) and reads the conditions before dropout from
-  ``ctx.clean_cond``. Default objectives: :func:`objectives.default_objectives` (by ``model.mode``).
+  ``ctx.clean_cond``. Default objectives: :func:`objectives.default_objectives` (by ``model.mode``;
+  DDAE++'s contrastive self-distillation with ``train.contrastive.enabled``). An objective's own random
+  draws come from ``ctx.generator`` (the trainer's, saved in checkpoints).
 * a **combiner** has ``backward(groups, accelerator, scale)``. A combiner that averages gradients
   over processes itself sets ``reduces_gradients = True``: the trainer then runs every micro-batch
   under ``accelerator.no_sync`` so that DDP does not reduce them a second time.
 * a **hook** has ``after_step(trainer)``, called after every optimizer step (``trainer.step`` is
-  already the number of finished steps), e.g. GenRep's EMA semantic network.
+  already the number of finished steps), e.g. GenRep's EMA semantic network. An objective with an
+  ``after_step`` is a hook too (DDAE++'s contrastive teacher).
+* an objective or hook with ``save_state(checkpoint_dir)`` / ``load_state(checkpoint_dir)`` keeps
+  state of its own in every checkpoint (written by the main process into the checkpoint's temp
+  directory, read by every process on resume), e.g. the contrastive teacher.
 
 Every random draw (data order, timesteps, noise, dropout) comes from generators owned by the
 trainer and saved in checkpoints, so a resumed run continues bit for bit. Mixed precision, gradient
@@ -132,9 +138,7 @@ class Trainer:
         if self.speed.classic_attention:
             runtime.use_classic_attention(model)
         self.timesteps = build_timestep_sampler(tc, self.schedule)
-        self.objectives = objectives or default_objectives(cfg, self.task)
         self.combiner = combiner or SumCombiner()
-        self.hooks = list(hooks or [])
 
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                            fused=self.speed.fused_adamw or None)
@@ -145,6 +149,9 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.unwrapped.parameters(), decay=tc.ema_decay, foreach=True)
+        self.objectives = objectives or default_objectives(cfg, self.task, self.unwrapped)
+        hooks = list(hooks or [])
+        self.hooks = hooks + [o for o in self.objectives if hasattr(o, "after_step") and all(o is not h for h in hooks)]
         self.step = 0
         self.generator = torch.Generator(device=self.accelerator.device)
         self.generator.manual_seed(tc.seed * 7919 + self.accelerator.process_index)
@@ -207,7 +214,8 @@ class Trainer:
                     out = self.model(x_t, t, cond)
         ctx = StepContext(output=out, x0=x0, x_t=x_t, noise=noise, t=t, weights=weights,
                           schedule=self.schedule, cond=cond, model=self.model, batch=task_batch,
-                          clean_cond=clean_cond, space=self.space, autocast=self.accelerator.autocast)
+                          clean_cond=clean_cond, space=self.space, autocast=self.accelerator.autocast,
+                          generator=self.generator)
         groups: dict[str, dict[str, torch.Tensor]] = {}
         owner: dict[str, str] = {}
         for objective in self.objectives:
@@ -248,6 +256,14 @@ class Trainer:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(t, reduction="max").item() > 0)
+
+    def _stateful(self) -> list:
+        """Objectives and hooks that keep state in checkpoints (``save_state`` / ``load_state``), once each."""
+        parts: list = []
+        for part in [*self.objectives, *self.hooks]:
+            if hasattr(part, "save_state") and not any(part is p for p in parts):
+                parts.append(part)
+        return parts
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -340,6 +356,8 @@ class Trainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                         "ema_step": self.ema.optimization_step if self.ema is not None else 0},
                        tmp / "optimizer.pt")
+            for part in self._stateful():
+                part.save_state(tmp)
             (tmp / "state.json").write_text(json.dumps(
                 {"step": self.step, "data_position": self.data_position, "world_size": acc.num_processes}, indent=1))
             self.cfg.save(tmp / "config.yaml")
@@ -368,6 +386,8 @@ class Trainer:
             ema_model = type(self.unwrapped).from_pretrained(ckpt / "ema")
             self.ema.shadow_params = [p.detach().clone().to(self.accelerator.device) for p in ema_model.parameters()]
             self.ema.optimization_step = opt["ema_step"]
+        for part in self._stateful():
+            part.load_state(ckpt)
         rng = load_file(str(ckpt / f"rng-rank{self.accelerator.process_index}.safetensors"))
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
