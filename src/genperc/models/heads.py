@@ -40,15 +40,22 @@ FUSIONS = ("pool", "fpn")
 CLASSIFIER_KINDS = ("linear", "mlp", "cosine")
 
 
+def named_blocks(backbone: nn.Module, what: str = "tap features of") -> dict[str, nn.Module]:
+    """The backbone's blocks by name, in the order the forward pass runs them: UNet ``down{i}``,
+    ``mid``, ``up{i}``; DiT ``blk{i}``. The one naming of feature taps, the probe and self-conditioning."""
+    if hasattr(backbone, "up_blocks"):
+        out = {f"down{i}": b for i, b in enumerate(backbone.down_blocks)}
+        out["mid"] = backbone.mid_block
+        return out | {f"up{i}": b for i, b in enumerate(backbone.up_blocks)}
+    if hasattr(backbone, "transformer_blocks"):
+        return {f"blk{i}": b for i, b in enumerate(backbone.transformer_blocks)}
+    raise UserError(f"cannot {what} a {type(backbone).__name__} backbone",
+                    "use a unet-* or dit-* architecture (model.arch)")
+
+
 def available_taps(denoiser) -> list[str]:
     """Names of the blocks a :class:`FeatureTaps` can hook on this denoiser."""
-    bb = denoiser.backbone
-    if hasattr(bb, "up_blocks"):
-        return ([f"down{i}" for i in range(len(bb.down_blocks))] + ["mid"]
-                + [f"up{i}" for i in range(len(bb.up_blocks))])
-    if hasattr(bb, "transformer_blocks"):
-        return [f"blk{i}" for i in range(len(bb.transformer_blocks))]
-    raise UserError(f"cannot tap features of a {type(bb).__name__} backbone", "use a unet-* or dit-* architecture (model.arch)")
+    return list(named_blocks(denoiser.backbone))
 
 
 def default_taps(denoiser) -> list[str]:
@@ -62,16 +69,10 @@ def default_taps(denoiser) -> list[str]:
 
 
 def _module(denoiser, name: str) -> nn.Module:
-    bb = denoiser.backbone
-    if name == "mid" and hasattr(bb, "mid_block"):
-        return bb.mid_block
-    if name.startswith("down") and hasattr(bb, "down_blocks"):
-        return bb.down_blocks[int(name[4:])]
-    if name.startswith("up") and hasattr(bb, "up_blocks"):
-        return bb.up_blocks[int(name[2:])]
-    if name.startswith("blk") and hasattr(bb, "transformer_blocks"):
-        return bb.transformer_blocks[int(name[3:])]
-    raise UserError(f"unknown feature tap {name!r}", f"valid taps: {', '.join(available_taps(denoiser))}")
+    blocks = named_blocks(denoiser.backbone)
+    if name not in blocks:
+        raise UserError(f"unknown feature tap {name!r}", f"valid taps: {', '.join(blocks)}")
+    return blocks[name]
 
 
 class FeatureTaps:

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from genperc.config import SelfConditioningConfig
 from genperc.errors import UserError
+from genperc.models.heads import named_blocks
 
 #: backbones self-conditioning knows how to route into
 BACKBONES = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
@@ -64,21 +65,9 @@ AUGMENT_DIM = 9
 TIME_FEATURES = 128
 
 
-def named_blocks(backbone: nn.Module) -> dict[str, nn.Module]:
-    """The backbone's blocks in the order the forward pass runs them (UNet: down, mid, up; DiT: blk)."""
-    if hasattr(backbone, "up_blocks"):
-        out = {f"down{i}": b for i, b in enumerate(backbone.down_blocks)}
-        out["mid"] = backbone.mid_block
-        return out | {f"up{i}": b for i, b in enumerate(backbone.up_blocks)}
-    if hasattr(backbone, "transformer_blocks"):
-        return {f"blk{i}": b for i, b in enumerate(backbone.transformer_blocks)}
-    raise UserError(f"self-conditioning cannot read blocks of a {type(backbone).__name__}",
-                    "use a unet-* or dit-* architecture (model.arch)")
-
-
 def selectable_blocks(backbone: nn.Module) -> list[str]:
     """Blocks self-conditioning may read: every block that has a later block to condition."""
-    return list(named_blocks(backbone))[:-1]
+    return list(named_blocks(backbone, "self-condition"))[:-1]
 
 
 def resolve_block(backbone: nn.Module, name: str) -> str:
@@ -169,7 +158,7 @@ class SelfConditioning(nn.Module):
     # -- hooks ------------------------------------------------------------------------------------
 
     def _attach(self, backbone: nn.Module, name: str) -> None:
-        blocks = named_blocks(backbone)
+        blocks = named_blocks(backbone, "self-condition")
         blocks[self.block].register_forward_hook(self._read)
         if name == "UNet2DConditionModel":
             for block in blocks.values():
