@@ -264,9 +264,11 @@ def probe(
     block: str = typer.Option(None, "--block", help="Blocks, comma-separated (default: all; see the error of an "
                               "unknown name for the list), e.g. up0,mid or blk13."),
     grid: bool = typer.Option(False, "--grid", help="Probe every block at DDAE's grid of noise levels."),
-    cache: bool = typer.Option(False, "--cache", help="Extract training features once (one noise draw, no "
-                               "augmentation) instead of fresh every epoch (DDAE's default): ~epochs× faster."),
-    epochs: int = typer.Option(15, help="Probe epochs (DDAE: 15)."),
+    cache: bool = typer.Option(False, "--cache", help="Extract training features once, --cache-draws views "
+                               "(clean + augmented), instead of fresh every epoch (DDAE's default): far faster."),
+    cache_draws: int = typer.Option(1, help="With --cache: views cached (the clean one + augmented ones)."),
+    epochs: int = typer.Option(15, help="Probe epochs (DDAE: 15), grown to reach --min-updates."),
+    min_updates: int = typer.Option(5865, help="Adam updates at least (DDAE: 15 × 391 on CIFAR-10); 0 = epochs."),
     batch_size: int = typer.Option(128, help="Probe batch size (DDAE: 128)."),
     limit: int = typer.Option(None, help="At most this many items per split (a seeded subset)."),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation, batches, crops and noise."),
@@ -276,7 +278,7 @@ def probe(
 ):
     """DDAE's linear probe of a frozen denoiser's block features (top-1 per noise level and block);
     writes probe.csv, probe.json and a heat map probe.png."""
-    from genperc.probe import ProbeConfig, default_out, probe_run
+    from genperc.experiments.probe import ProbeConfig, default_out, probe_run
 
     try:
         timesteps = [int(v) for v in t.split(",") if v.strip()] if t else None
@@ -285,10 +287,11 @@ def probe(
     out = out or default_out(run_dir, dataset, checkpoint)
     result = probe_run(run_dir, dataset, timesteps=timesteps, blocks=block.split(",") if block else None, grid=grid,
                        out=out, limit=limit, weights=weights, checkpoint=checkpoint, progress=True,
-                       config=ProbeConfig(epochs=epochs, batch_size=batch_size, cache=cache, seed=seed))
+                       config=ProbeConfig(epochs=epochs, batch_size=batch_size, cache=cache, seed=seed,
+                                          cache_draws=cache_draws, min_updates=min_updates))
     s = result.settings
     typer.echo(f"linear probe of {run_dir} on {s['dataset']} ({s['train_items']} train / {s['test_items']} test, "
-               f"{s['classes']} classes, {s['noise']} noise, {s['seconds']:.0f} s), top-1:\n{result.format()}")
+               f"{s['classes']} classes, {s['noise']} noise, {s['updates']} updates, {s['seconds']:.0f} s), top-1:\n{result.format()}")
     typer.echo(f"wrote {out / 'probe.csv'}, {out / 'probe.json'} and {out / 'probe.png'}")
 
 
