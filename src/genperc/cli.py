@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from genperc.atomic import ensure_writable_dir
 from genperc.errors import UserError
 
 app = typer.Typer(
@@ -106,6 +107,7 @@ def train(
     else:
         cfg = load_config(preset, extra)
     run_dir = run_dir or Path("runs") / f"{cfg.task}-{Path(preset).stem}"
+    ensure_writable_dir(run_dir, "run directory")
     result = Trainer(cfg, run_dir).train(resume=resume)
     typer.echo(f"trained {result.step} steps, final loss {result.loss:.4f}, "
                f"{result.images_per_s:.1f} images/s → {result.run_dir}")
@@ -225,6 +227,7 @@ def predict(
     """Predict on one image: depth (16-bit PNG), mask (PNG) or boxes (JSON), plus visualisations."""
     from genperc.inference import load_run, predict_files
 
+    ensure_writable_dir(out, "--out folder")  # before sampling
     run = load_run(run_dir, weights=weights)
     paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, spacing=spacing,
                                  ensemble=ensemble, text_scale=w_d, image_scale=w_i, negatives=correct,

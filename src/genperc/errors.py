@@ -28,3 +28,19 @@ def require_path(path, what: str, fix: str | None = None):
     if not p.exists():
         raise UserError(f"{what} not found: {p}", fix or "check the path")
     return p
+
+
+_NOTED: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    """Say on stderr, once per process, that genperc changed something silently otherwise (a prompt
+    cut to the text encoder's length, 16-bit pixels reduced to 8 bits, damaged scenes skipped):
+    one line, ``[genperc] note: …``, in the style of the other status lines."""
+    import sys
+
+    line = message.strip().replace("\n", " ")
+    if line in _NOTED:
+        return
+    _NOTED.add(line)
+    print(f"[genperc] note: {line}", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ import importlib
 import inspect
 import re
 
-from genperc.errors import UserError
+from genperc.errors import UserError, note_once
 
 SOURCES = ("toy", "world", "refcoco", "nyuv2", "coco", "ade20k", "folder", "digits", "cifar10", "cifar100")
 
@@ -87,7 +87,10 @@ def open_scene_source(cfg, split: str):
     if cfg.source == "world":
         from genperc.data.world.format import WorldSource
 
-        return WorldSource(cfg.path, split=split, **opts)
+        source = WorldSource(cfg.path, split=split, **opts)
+        if source.summary.skipped:
+            note_once(f"{source.split_dir}: {source.summary} (data.options.skip_bad=true)")
+        return source
     from genperc.data.formats import open_source
 
     return open_source(cfg.source, cfg.path, split, **opts)
