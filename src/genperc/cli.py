@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from genperc.atomic import ensure_writable_dir
 from genperc.errors import UserError
 
 app = typer.Typer(
@@ -106,6 +107,7 @@ def train(
     else:
         cfg = load_config(preset, extra)
     run_dir = run_dir or Path("runs") / f"{cfg.task}-{Path(preset).stem}"
+    ensure_writable_dir(run_dir, "run directory")
     result = Trainer(cfg, run_dir).train(resume=resume)
     typer.echo(f"trained {result.step} steps, final loss {result.loss:.4f}, "
                f"{result.images_per_s:.1f} images/s → {result.run_dir}")
@@ -225,6 +227,7 @@ def predict(
     """Predict on one image: depth (16-bit PNG), mask (PNG) or boxes (JSON), plus visualisations."""
     from genperc.inference import load_run, predict_files
 
+    ensure_writable_dir(out, "--out folder")  # before sampling
     run = load_run(run_dir, weights=weights)
     paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, spacing=spacing,
                                  ensemble=ensemble, text_scale=w_d, image_scale=w_i, negatives=correct,
@@ -368,29 +371,61 @@ def pretrain(
                + (f"; held-out colour overlap {overlap:.3f}" if overlap is not None else ""))
 
 
+def _click_errors() -> tuple[type, ...]:
+    """The usage-error base classes: typer ≥ 0.2x bundles its own click (``typer._click``), whose
+    ``ClickException`` is not the installed click's; catch both so that no usage error escapes."""
+    classes = []
+    try:
+        from typer._click.exceptions import ClickException as Bundled
+
+        classes.append(Bundled)
+    except ImportError:  # an older typer on the installed click
+        pass
+    import click
+
+    classes.append(click.exceptions.ClickException)
+    return tuple(classes)
+
+
+def _show_click_error(e) -> int:
+    """Click's usage errors as one line (``error: …`` and where to read the usage), exit code 2;
+    a bare group (``genperc``, ``genperc data``) prints its help, as click does, and exits 2."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        e.show()
+        return 2
+    ctx = getattr(e, "ctx", None)
+    hint = f" — see '{ctx.command_path} --help'" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message()}".replace("\n", " ") + hint, err=True)
+    return 2 if getattr(e, "exit_code", 1) in (1, 2) else e.exit_code
+
+
+def _interrupted() -> int:
+    typer.echo("interrupted", err=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one line and exit code 2 for user errors."""
+    """Console entry point: one line and exit code 2 for user and usage errors, 130 when interrupted.
+
+    ``standalone_mode=False`` makes typer return the exit code of a ``typer.Exit`` (Ctrl-C inside a
+    command arrives as ``Exit(130)``) instead of calling ``sys.exit``; that code is returned here.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _mount_subapps()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="genperc", standalone_mode=False)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
-        return 130
-    except SystemExit as e:  # click's own exits (e.g. --help)
-        return int(e.code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return 2
-        raise
-    return 0
+        return _interrupted()
+    except SystemExit as e:  # sys.exit inside a command
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except _click_errors() as e:
+        return _show_click_error(e)
+    code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+    return _interrupted() if code == 130 else code
 
 
 if __name__ == "__main__":
