@@ -71,6 +71,32 @@ def ddae_command(
                    samples_per_class=samples_per_class, log=typer.echo)
 
 
+@app.command("ddae-select")
+def ddae_select_command(
+    preset: str = typer.Option("cpu", help="cpu (ddae-cpu), dit-cpu (ddae-dit-cpu), or any classification preset."),
+    blocks: str = typer.Option(None, help="Candidate blocks, comma-separated (default: every block with a later "
+                                          "block to condition)."),
+    steps: int = typer.Option(200, help="Training steps of each short run."),
+    window: int = typer.Option(50, help="Score: the mean training loss over the last WINDOW steps."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default runs/ddae-select-<preset>)."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+):
+    """DDAE++'s choice of the self-conditioning block: one short run per candidate block, the lowest
+    training loss wins (OUT/selection.json); pass the winner as model.self_conditioning.block=…"""
+    from genperc.config import load_config
+    from genperc.experiments.ddae import PRESETS
+    from genperc.training.layer_selection import select_block
+
+    cfg = load_config(PRESETS.get(preset, preset), list(overrides or []))
+    out = out or Path("runs") / f"ddae-select-{preset.replace('/', '_')}"
+    sel = select_block(cfg, out, [b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
+                       steps=steps, window=window)
+    for name, loss in sorted(sel.losses.items(), key=lambda kv: kv[1]):
+        typer.echo(f"  {name:<8} {loss:.5f}" + ("  ← chosen" if name == sel.best else ""))
+    typer.echo(f"chosen: model.self_conditioning.block={sel.best} (mean loss of the last {window} of {steps} "
+               f"steps; {out / 'selection.json'})")
+
+
 @app.command("addp")
 def addp_command(
     task: str = typer.Option("referring", help="referring (InstructPix2Pix-style) or depth (Marigold-style)."),
