@@ -14,7 +14,7 @@ TINY = ["data.resolution=8", "data.options={size: 8}", "model.sample_size=8", "t
         "train.steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.progress=false",
         "train.warmup_steps=0", "model.self_conditioning.hidden=16", "train.contrastive.hidden=16",
         "train.contrastive.proj_dim=8", "train.contrastive.pred_dim=16"]
-FAST = ["--probe-t", "11", "--probe-views", "1", "--samples-per-class", "2"]
+FAST = ["--probe-t", "11", "--probe-views", "1", "--probe-updates", "0", "--samples-per-class", "2"]
 
 
 @pytest.mark.parametrize("preset", ["cpu", "dit-cpu"])

@@ -52,6 +52,7 @@ def ddae_command(
                                               "into OUT/data)."),
     probe_t: str = typer.Option("1,11,21,51,101", help="Probe noise levels, of 1,000 steps."),
     probe_views: int = typer.Option(8, help="Cached probe views (the clean one + augmented ones)."),
+    probe_updates: int = typer.Option(5865, help="The probe's Adam updates at least (DDAE: 15 × 391)."),
     samples_per_class: int = typer.Option(25, help="Generated samples per class for FID / precision / recall."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
@@ -67,7 +68,7 @@ def ddae_command(
         raise UserError("--probe-t / --only-seeds take comma-separated integers", "e.g. --probe-t 1,11,21") from None
     out = out or Path("runs") / f"ddae-{dataset}-{preset.replace('/', '_')}"
     run_experiment(dataset=dataset, preset=preset, seeds=seeds, out=out, overrides=list(overrides or []),
-                   world_path=world_path, only_seeds=only, probe_t=ts, probe_views=probe_views,
+                   world_path=world_path, only_seeds=only, probe_t=ts, probe_views=probe_views, probe_updates=probe_updates,
                    samples_per_class=samples_per_class, log=typer.echo)
 
 

@@ -78,10 +78,11 @@ class Experiment:
     """One ``--out`` directory: its shared feature network, its runs and its tables."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, dataset: str, preset: str, probe_t=PROBE_T,
-                 probe_views: int = 8, samples_per_class: int = 25, log=print):
+                 probe_views: int = 8, probe_updates: int = 15 * 391, samples_per_class: int = 25, log=print):
         self.cfg, self.out, self.log = cfg, out, log
         self.dataset, self.preset = dataset, preset
         self.probe_t, self.probe_views, self.samples_per_class = list(probe_t), probe_views, samples_per_class
+        self.probe_updates = probe_updates
         (out / "shared").mkdir(parents=True, exist_ok=True)
 
     # -- one run ----------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ class Experiment:
         n = loaded.schedule.num_train_timesteps
         ts = probe_timesteps(loaded.model, n, [min(n - 1, round(t * n / 1000)) for t in self.probe_t])
         probe = linear_probe(loaded, data, ts, probe_blocks(loaded.model),
-                             ProbeConfig(cache=True, cache_draws=self.probe_views, seed=seed))
+                             ProbeConfig(cache=True, cache_draws=self.probe_views, min_updates=self.probe_updates,
+                                         seed=seed))
         probe.write(run / "probe")
         t, block, top1 = probe.best
         record = {"seconds": timing["seconds"], "images_per_s": timing["images_per_s"], "fid": gen["fid"], "precision": gen["precision"], "recall": gen["recall"],
@@ -227,7 +229,8 @@ def _claims(vals, ratio) -> list[str]:
 
 def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3, out: str | Path = "runs/ddae",
                    overrides: list[str] | None = None, world_path: str | None = None, only_seeds=None,
-                   probe_t=PROBE_T, probe_views: int = 8, samples_per_class: int = 25, log=print) -> dict:
+                   probe_t=PROBE_T, probe_views: int = 8, probe_updates: int = 15 * 391, samples_per_class: int = 25,
+                   log=print) -> dict:
     """Train and judge every arm × seed (module docstring); writes ``results.json`` and ``tables.md``
     when every run of the ``seeds`` is done."""
     if seeds < 1:
@@ -241,7 +244,7 @@ def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3,
                                       resolution=load_config(PRESETS.get(preset, preset)).data.resolution))
     cfg = base_config(dataset, preset, list(overrides or []), world_path)
     exp = Experiment(cfg, out, dataset=dataset, preset=preset, probe_t=probe_t, probe_views=probe_views,
-                     samples_per_class=samples_per_class, log=log)
+                     probe_updates=probe_updates, samples_per_class=samples_per_class, log=log)
     for seed in (range(seeds) if only_seeds is None else only_seeds):
         for arm in ARMS:
             exp.run(arm, seed)
