@@ -67,9 +67,10 @@ What :meth:`Trainer.train` guarantees about its run directory (docs/guarantees.m
 * **Ctrl-C** stops training with one line on stderr naming the last checkpoint, then re-raises
   ``KeyboardInterrupt``.
 
-``GENPERC_FAULT_SLEEP_IN_SAVE=seconds`` (for fault-injection tests only) makes
-:meth:`Trainer.save_checkpoint` print ``[genperc] fault: in save_checkpoint <temp folder>`` on
-stderr and sleep that long with the checkpoint half written, so a test can kill the process there.
+``GENPERC_FAULT_SLEEP_IN_SAVE=seconds[@step]`` (for fault-injection tests only) makes
+:meth:`Trainer.save_checkpoint` (of that step only, when given) print ``[genperc] fault: in
+save_checkpoint <temp folder>`` on stderr and sleep that long with the checkpoint half written
+(weights written, ``optimizer.pt`` and ``state.json`` not yet), so a test can kill the process there.
 """
 
 from __future__ import annotations
@@ -333,6 +334,9 @@ class Trainer:
             clear_run(self.run_dir, everything=overwrite)
         self.accelerator.wait_for_everyone()
         if resume:
+            if _last_checkpoint_name(self.run_dir) is None:
+                raise UserError(f"no checkpoint in {self.run_dir / 'checkpoints'} to resume from",
+                                "start the run over with --overwrite (overwrite=True)")
             self.load_checkpoint()
         if self.is_main:
             self.cfg.save(self.run_dir / "config.yaml")
@@ -432,7 +436,7 @@ class Trainer:
                 self.ema.copy_to(model.parameters())
                 model.save_pretrained(tmp / "ema")
                 self.ema.restore(model.parameters())
-            _fault_pause(tmp)
+            _fault_pause(tmp, self.step)
             scaler = getattr(acc, "scaler", None)
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                         "ema_step": self.ema.optimization_step if self.ema is not None else 0,
@@ -581,13 +585,17 @@ def clear_run(run_dir: Path, everything: bool = False) -> None:
             path.unlink()
 
 
-def _fault_pause(where: Path) -> None:
-    """``GENPERC_FAULT_SLEEP_IN_SAVE=seconds``: announce and sleep with a checkpoint half written, so that
-    fault-injection tests can kill the process there (module docstring). Unset: nothing."""
-    seconds = float(os.environ.get("GENPERC_FAULT_SLEEP_IN_SAVE") or 0)
-    if seconds > 0:
+def _fault_pause(where: Path, step: int) -> None:
+    """``GENPERC_FAULT_SLEEP_IN_SAVE=seconds[@step]``: announce and sleep with a checkpoint half written
+    (of that step only, when given), so that fault-injection tests can kill the process there
+    (module docstring). Unset: nothing."""
+    value = os.environ.get("GENPERC_FAULT_SLEEP_IN_SAVE")
+    if not value:
+        return
+    seconds, _, at = value.partition("@")
+    if not at or int(at) == step:
         print(f"[genperc] fault: in save_checkpoint {where}", file=sys.stderr, flush=True)
-        time.sleep(seconds)
+        time.sleep(float(seconds))
 
 
 def _flat(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -652,13 +660,16 @@ def _truncate_metrics(path: Path, last_step: int) -> list[str] | None:
     None when no row is left (the file is then removed)."""
     from genperc.atomic import atomic_write_text
 
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # a row half written when the process was killed
+        lines.pop()
+    rows = list(csv.reader(lines))
     kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
     if not rows or not kept:
         path.unlink()
         return None
-    if len(kept) < len(rows) - 1:
+    if len(kept) < len(rows) - 1 or len(lines) < len(text.splitlines()):
         buffer = io.StringIO()
         csv.writer(buffer).writerows([rows[0], *kept])
         atomic_write_text(path, buffer.getvalue())
