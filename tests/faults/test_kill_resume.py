@@ -99,3 +99,17 @@ def test_kill_9_before_the_first_checkpoint_then_overwrite(tmp_path, reference, 
     got = load_file(str(run / f"checkpoints/step-{STEPS:08d}/ema/model.safetensors"))
     want = load_file(str(reference / f"checkpoints/step-{STEPS:08d}/ema/model.safetensors"))
     assert all(bool((got[k] == want[k]).all()) for k in want)
+
+
+def test_text_states_do_not_depend_on_the_batch_they_were_first_encoded_in(text_encoder):
+    """The cause of resumed runs ~1e-7 off: a resumed process fills its text cache in other batches,
+    and padding to the batch's longest text changed a text's states by ~1e-6. The cache now encodes
+    at a fixed length."""
+    import torch
+
+    from genperc.models.text import CachedTextEncoder
+
+    text = "the red cube"
+    alone, _ = CachedTextEncoder(text_encoder.encoder).encode([text])
+    batched, _ = CachedTextEncoder(text_encoder.encoder).encode([text, "a small blue sphere left of the big cube"])
+    assert torch.equal(alone[0], batched[0, : alone.shape[1]])
