@@ -174,12 +174,14 @@ def read_torch(path: Path, map_location=None) -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CorruptCheckpoint(f"{path.name} holds objects other than tensors and plain values, refused unread "
-                                f"({_first_line(e)[:120]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise CorruptCheckpoint(f"{path.name} holds objects other than tensors and plain values"
+                                + (f" ({found.group(1)})" if found else "") + "; refused unread") from None
     except (EOFError, OSError, RuntimeError, ValueError, zipfile.BadZipFile) as e:
-        raise CorruptCheckpoint(f"{path.name} is truncated or not a torch file ({_first_line(e)[:120]})") from None
+        raise CorruptCheckpoint(f"{path.name} is truncated or not a torch file ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (library messages run on for lines)."""
     text = str(e).strip().splitlines()
-    return text[0] if text else e.__class__.__name__
+    return text[0].split(". ")[0].rstrip(".")[:160] if text else e.__class__.__name__

@@ -228,3 +228,13 @@ def test_ctrl_c_names_the_last_checkpoint_and_reraises(tmp_path, text_encoder, t
     assert f"interrupted at step 3; last checkpoint: {run / 'checkpoints' / 'step-00000002'} — continue with --resume" in err
     with runlock.locked(run, "after Ctrl-C"):  # released
         pass
+
+
+def test_metrics_keep_the_rows_up_to_the_checkpoint_and_drop_a_half_written_one(tmp_path):
+    from genperc.training.trainer import _Logger
+
+    (tmp_path / "metrics.csv").write_text("step,loss\r\n1,0.5\r\n2,0.4\r\n3,0.3\r\n1")  # killed writing row 10
+    logger = _Logger(tmp_path, enabled=True, last_step=2)
+    logger.log(3, {"loss": 0.25})
+    logger.close()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4", "3,0.25"]
