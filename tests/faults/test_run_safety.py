@@ -87,6 +87,16 @@ def test_overwrite_replaces_the_run(run_copy, cli, train_argv):
     assert [r.split(",")[0] for r in rows] == ["step", "1", "2"]
 
 
+def test_the_library_refuses_too(run_copy, resumer):
+    resumer.run_dir = run_copy
+    before = snapshot(run_copy)
+    with pytest.raises(UserError, match="already holds a run — pass --resume to continue it or --overwrite"):
+        resumer.train()
+    with pytest.raises(UserError, match="exclude each other"):
+        resumer.train(resume=True, overwrite=True)
+    assert snapshot(run_copy) == before
+
+
 # -- corrupt checkpoints: the newest intact one, with one warning line per skipped one ---------------
 
 
