@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "build": 4,
     "training": 5, "evaluation": 5,
     "inference": 6,
-    "experiments": 7, "interactive": 7, "analyze": 7, "demo": 7, "pretrain": 7, "probe": 7,
+    "experiments": 7, "interactive": 7, "analyze": 7, "demo": 7, "pretrain": 7,
     "cli": 8,
 }
 

@@ -1,4 +1,4 @@
-"""The DDAE linear probe (genperc.probe, `genperc probe`) and the class-labelled sources it reads:
+"""The DDAE linear probe (genperc.experiments.probe, `genperc probe`) and the class-labelled sources it reads:
 CIFAR-10/100 binary files, class subfolders, the world's single-object classes, the digits."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from genperc.data.formats import CifarSource, ClassFolderSource, FolderSource, o
 from genperc.errors import UserError
 from genperc.inference import load_run
 from genperc.models.registry import create_denoiser
-from genperc.probe import (
+from genperc.experiments.probe import (
     FeatureExtractor,
     ProbeConfig,
     ProbeData,
@@ -33,7 +33,7 @@ from genperc.probe import (
 
 WORLD = Path(__file__).parent / "fixtures" / "world" / "single32"
 COLOURS = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])  # class = colour
-FAST = ProbeConfig(epochs=4, batch_size=16, lr=0.02, padding=1)
+FAST = ProbeConfig(epochs=4, batch_size=16, lr=0.02, padding=1, min_updates=0)
 
 
 def _save_run(root: Path, arch: str) -> Path:
@@ -149,15 +149,35 @@ def test_probe_learns_colour_classes_and_is_at_chance_on_shuffled_labels(unet_ru
 
 def test_fresh_and_cached_noise_are_seeded_and_a_grid_cell_equals_its_single_probe(unet_run):
     data = colour_data()
-    cfg = ProbeConfig(epochs=2, batch_size=16, lr=0.02)
+    cfg = ProbeConfig(epochs=2, batch_size=16, lr=0.02, min_updates=0)
     fresh = linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cfg, anchors=False)
     assert fresh.top1 == linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cfg, anchors=False).top1
     single = linear_probe(unet_run, data, [200], ["up1"], cfg, anchors=False)
     assert single.top1[(200, "up1")] == fresh.top1[(200, "up1")]
-    cached_cfg = ProbeConfig(epochs=2, batch_size=16, lr=0.02, cache=True)
+    cached_cfg = ProbeConfig(epochs=2, batch_size=16, lr=0.02, cache=True, min_updates=0)
     cached = linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cached_cfg, anchors=False)
     assert cached.top1 == linear_probe(unet_run, data, [1, 200], ["down1", "up1"], cached_cfg, anchors=False).top1
-    assert cached.settings["noise"] == "cached" and fresh.settings["noise"] == "fresh"
+    assert cached.settings["noise"] == "cached (1 views)" and fresh.settings["noise"] == "fresh"
+
+
+def test_epochs_grow_to_ddae_update_count_and_cached_views_cycle(unet_run, monkeypatch):
+    """DDAE's 15 epochs are 5,865 updates on CIFAR-10; a small split gets more epochs, not fewer updates."""
+    cfg = ProbeConfig()
+    assert cfg.epochs_for(50_000) == 15 and cfg.epochs_for(1_259) == 587  # ⌈5865 / ⌈1259/128⌉⌉
+    assert ProbeConfig(min_updates=0).epochs_for(1_259) == 15
+    data = colour_data()
+    cfg = ProbeConfig(epochs=1, batch_size=16, lr=0.02, cache=True, cache_draws=3, min_updates=10)
+    views = []
+    import genperc.experiments.probe as probe_mod
+    real = probe_mod._extract
+    monkeypatch.setattr(probe_mod, "_extract", lambda f, images, *a: views.append(images.clone()) or real(f, images, *a))
+    result = linear_probe(unet_run, data, [1], ["mid"], cfg, anchors=False)
+    per_epoch = -(-len(data.train_labels) // 16)
+    assert result.settings["epochs_run"] == -(-10 // per_epoch) and result.settings["updates"] >= 10
+    train_views = [v for v in views if len(v) == len(data.train_images)][:3]
+    assert torch.equal(train_views[0], data.train_images.float()) or torch.equal(train_views[0], data.train_images)
+    assert not torch.equal(train_views[1].float(), data.train_images.float())  # augmented views differ
+    assert not torch.equal(train_views[1], train_views[2])
 
 
 def _class_folders(root: Path) -> Path:
@@ -175,7 +195,7 @@ def test_cli_grid_on_a_dit_writes_heatmap_csv_and_the_best_cell(dit_run, tmp_pat
     data = _class_folders(tmp_path / "colours")
     out = tmp_path / "probe"
     code = main(["probe", str(dit_run.run_dir), "--dataset", f"folder:{data}", "--grid", "--t", "1,50",
-                 "--epochs", "2", "--cache", "--out", str(out)])
+                 "--epochs", "2", "--min-updates", "0", "--cache", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     rows = list(csv.DictReader((out / "probe.csv").open()))

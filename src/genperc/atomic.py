@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from genperc.errors import UserError
+
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
@@ -46,4 +48,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (and its parents) if needed and check that files can be written in it; a
+    one-line :class:`UserError` naming ``what`` otherwise (a file in the way, no permission, a
+    read-only disk). Called before long work, so that nothing is computed only to be lost."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a folder", "choose another path or remove that file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {path} ({e.strerror or e})",
+                        "choose a folder you may write to") from None
     return path

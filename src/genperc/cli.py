@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from genperc.atomic import ensure_writable_dir
 from genperc.errors import UserError
 
 app = typer.Typer(
@@ -113,6 +114,7 @@ def train(
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.task}-{Path(preset).stem}"
         check_claim(run_dir, resume, overwrite)
+    ensure_writable_dir(run_dir, "run directory")
     result = Trainer(cfg, run_dir).train(resume=resume, overwrite=overwrite)
     typer.echo(f"trained {result.step} steps, final loss {result.loss:.4f}, "
                f"{result.images_per_s:.1f} images/s → {result.run_dir}")
@@ -160,7 +162,8 @@ def eval_(
 
     run = load_run(run_dir, weights=weights, overrides=list(overrides or []), checkpoint=checkpoint)
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
-    with runlock.locked(out, "genperc eval"):  # creates it; one line when it cannot be written
+    ensure_writable_dir(out, "--out folder")  # before evaluating
+    with runlock.locked(out, "genperc eval"):
         if correction != "none":
             return _eval_corrections(run, split, out, correction=correction, rounds=rounds, limit=limit, seed=seed,
                                      w_d=text_scale, w_i=image_scale, captioner=captioner,
@@ -240,6 +243,7 @@ def predict(
     """Predict on one image: depth (16-bit PNG), mask (PNG) or boxes (JSON), plus visualisations."""
     from genperc.inference import load_run, predict_files
 
+    ensure_writable_dir(out, "--out folder")  # before sampling
     run = load_run(run_dir, weights=weights, checkpoint=checkpoint)
     paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, spacing=spacing,
                                  ensemble=ensemble, text_scale=w_d, image_scale=w_i, negatives=correct,
@@ -279,9 +283,11 @@ def probe(
     block: str = typer.Option(None, "--block", help="Blocks, comma-separated (default: all; see the error of an "
                               "unknown name for the list), e.g. up0,mid or blk13."),
     grid: bool = typer.Option(False, "--grid", help="Probe every block at DDAE's grid of noise levels."),
-    cache: bool = typer.Option(False, "--cache", help="Extract training features once (one noise draw, no "
-                               "augmentation) instead of fresh every epoch (DDAE's default): ~epochs× faster."),
-    epochs: int = typer.Option(15, help="Probe epochs (DDAE: 15)."),
+    cache: bool = typer.Option(False, "--cache", help="Extract training features once, --cache-draws views "
+                               "(clean + augmented), instead of fresh every epoch (DDAE's default): far faster."),
+    cache_draws: int = typer.Option(1, help="With --cache: views cached (the clean one + augmented ones)."),
+    epochs: int = typer.Option(15, help="Probe epochs (DDAE: 15), grown to reach --min-updates."),
+    min_updates: int = typer.Option(5865, help="Adam updates at least (DDAE: 15 × 391 on CIFAR-10); 0 = epochs."),
     batch_size: int = typer.Option(128, help="Probe batch size (DDAE: 128)."),
     limit: int = typer.Option(None, help="At most this many items per split (a seeded subset)."),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation, batches, crops and noise."),
@@ -291,7 +297,7 @@ def probe(
 ):
     """DDAE's linear probe of a frozen denoiser's block features (top-1 per noise level and block);
     writes probe.csv, probe.json and a heat map probe.png."""
-    from genperc.probe import ProbeConfig, default_out, probe_run
+    from genperc.experiments.probe import ProbeConfig, default_out, probe_run
 
     try:
         timesteps = [int(v) for v in t.split(",") if v.strip()] if t else None
@@ -300,10 +306,11 @@ def probe(
     out = out or default_out(run_dir, dataset, checkpoint)
     result = probe_run(run_dir, dataset, timesteps=timesteps, blocks=block.split(",") if block else None, grid=grid,
                        out=out, limit=limit, weights=weights, checkpoint=checkpoint, progress=True,
-                       config=ProbeConfig(epochs=epochs, batch_size=batch_size, cache=cache, seed=seed))
+                       config=ProbeConfig(epochs=epochs, batch_size=batch_size, cache=cache, seed=seed,
+                                          cache_draws=cache_draws, min_updates=min_updates))
     s = result.settings
     typer.echo(f"linear probe of {run_dir} on {s['dataset']} ({s['train_items']} train / {s['test_items']} test, "
-               f"{s['classes']} classes, {s['noise']} noise, {s['seconds']:.0f} s), top-1:\n{result.format()}")
+               f"{s['classes']} classes, {s['noise']} noise, {s['updates']} updates, {s['seconds']:.0f} s), top-1:\n{result.format()}")
     typer.echo(f"wrote {out / 'probe.csv'}, {out / 'probe.json'} and {out / 'probe.png'}")
 
 
@@ -380,29 +387,61 @@ def pretrain(
                + (f"; held-out colour overlap {overlap:.3f}" if overlap is not None else ""))
 
 
+def _click_errors() -> tuple[type, ...]:
+    """The usage-error base classes: typer ≥ 0.2x bundles its own click (``typer._click``), whose
+    ``ClickException`` is not the installed click's; catch both so that no usage error escapes."""
+    classes = []
+    try:
+        from typer._click.exceptions import ClickException as Bundled
+
+        classes.append(Bundled)
+    except ImportError:  # an older typer on the installed click
+        pass
+    import click
+
+    classes.append(click.exceptions.ClickException)
+    return tuple(classes)
+
+
+def _show_click_error(e) -> int:
+    """Click's usage errors as one line (``error: …`` and where to read the usage), exit code 2;
+    a bare group (``genperc``, ``genperc data``) prints its help, as click does, and exits 2."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        e.show()
+        return 2
+    ctx = getattr(e, "ctx", None)
+    hint = f" — see '{ctx.command_path} --help'" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message()}".replace("\n", " ") + hint, err=True)
+    return 2 if getattr(e, "exit_code", 1) in (1, 2) else e.exit_code
+
+
+def _interrupted() -> int:
+    typer.echo("interrupted", err=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one line and exit code 2 for user errors."""
+    """Console entry point: one line and exit code 2 for user and usage errors, 130 when interrupted.
+
+    ``standalone_mode=False`` makes typer return the exit code of a ``typer.Exit`` (Ctrl-C inside a
+    command arrives as ``Exit(130)``) instead of calling ``sys.exit``; that code is returned here.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _mount_subapps()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="genperc", standalone_mode=False)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
-        return 130
-    except SystemExit as e:  # click's own exits (e.g. --help)
-        return int(e.code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return 2
-        raise
-    return 0
+        return _interrupted()
+    except SystemExit as e:  # sys.exit inside a command
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except _click_errors() as e:
+        return _show_click_error(e)
+    code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+    return _interrupted() if code == 130 else code
 
 
 if __name__ == "__main__":

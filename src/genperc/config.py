@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from genperc.diffusion.schedule import DiffusionConfig
+from genperc.diffusion.schedule import SCHEDULER_KINDS, DiffusionConfig
+from genperc.diffusion.timesteps import STRATEGIES
 from genperc.errors import UserError
+from genperc.runtime import PRECISIONS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -31,11 +34,28 @@ MODEL_MODES = ("generative", "discriminative")
 SELF_CONDITIONING_BLOCK = re.compile(r"^(mid|down\d+|up\d+|blk\d+)$")
 
 
-def _in_range(key: str, value, lo, hi, *, lo_open: bool = False, fix: str = "") -> None:
-    """A :class:`UserError` naming ``key`` and its range unless lo ≤ value ≤ hi (lo < value with ``lo_open``)."""
-    ok = (lo < value if lo_open else lo <= value) and value <= hi
-    if not ok:
-        raise UserError(f"{key}={value} must lie in {'(' if lo_open else '['}{lo}, {hi}]", fix or f"set {key} in that range")
+def in_range(key: str, value, lo, hi=None, *, lo_open: bool = False, hi_open: bool = False,
+              fix: str = "") -> None:
+    """A :class:`UserError` naming ``key`` and its valid range unless ``value`` is a finite number in
+    it: lo ≤ value ≤ hi (lo < value with ``lo_open``, value < hi with ``hi_open``; no ``hi``: unbounded).
+    NaN and ±inf are never in range (``train.lr=.nan`` is refused, not trained on)."""
+    ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+          and (lo < value if lo_open else lo <= value)
+          and (hi is None or (value < hi if hi_open else value <= hi)))
+    if ok:
+        return
+    if hi is None:
+        where = f"must be {'>' if lo_open else '≥'} {lo}"
+    else:
+        where = f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if isinstance(value, float) and not math.isfinite(value):
+        where = f"is not a finite number; it {where}"
+    raise UserError(f"{key}={value} {where}", fix or f"set {key} in that range")
+
+
+def one_of(key: str, value, valid) -> None:
+    if value not in valid:
+        raise UserError(f"{key}={value!r} is not valid", f"use one of: {', '.join(map(str, valid))}")
 
 
 @dataclass
@@ -62,7 +82,7 @@ class SelfConditioningConfig:
         if not SELF_CONDITIONING_BLOCK.match(str(self.block)):
             raise UserError(f"model.self_conditioning.block={self.block!r} is not a block name",
                             "use mid, down<i>, up<i> (UNet) or blk<i> (DiT), e.g. model.self_conditioning.block=mid")
-        _in_range("model.self_conditioning.hidden", self.hidden, 1, 65536)
+        in_range("model.self_conditioning.hidden", self.hidden, 1, 65536)
 
 
 @dataclass
@@ -90,6 +110,8 @@ class ModelConfig:
     self_conditioning: SelfConditioningConfig = field(default_factory=SelfConditioningConfig)  # DDAE++
 
     def __post_init__(self):
+        in_range("model.sample_size", self.sample_size, 1, 16384)
+        in_range("model.text_max_length", self.text_max_length, 1, 4096)
         if self.mode not in MODEL_MODES:
             raise UserError(f"model.mode={self.mode!r} is not valid",
                             "use model.mode=generative (diffusion) or model.mode=discriminative (one forward, task loss)")
@@ -105,7 +127,16 @@ class DataConfig:
     val_split: str = "val"
     resolution: int = 32
     num_workers: int = 0
-    options: dict = field(default_factory=dict)  # source-specific keyword arguments
+    options: dict = field(default_factory=dict)  # source-specific keyword arguments (checked when opened)
+
+    def __post_init__(self):
+        from genperc.data.sources import check_source, check_split_name
+
+        check_source(self.source)
+        check_split_name(self.train_split, "data.train_split")
+        check_split_name(self.val_split, "data.val_split")
+        in_range("data.resolution", self.resolution, 1, 16384)
+        in_range("data.num_workers", self.num_workers, 0, 1024)
 
 
 @dataclass
@@ -143,16 +174,16 @@ class ContrastiveConfig:
 
     def __post_init__(self):
         key = "train.contrastive."
-        _in_range(key + "weight", self.weight, 0, 100)
-        _in_range(key + "temperature", self.temperature, 0, 10, lo_open=True)
-        _in_range(key + "momentum", self.momentum, 0, 1, fix="use e.g. 0.99 (1 freezes the teacher)")
-        _in_range(key + "t", self.t, 0, 10**6)
+        in_range(key + "weight", self.weight, 0, 100)
+        in_range(key + "temperature", self.temperature, 0, 10, lo_open=True)
+        in_range(key + "momentum", self.momentum, 0, 1, fix="use e.g. 0.99 (1 freezes the teacher)")
+        in_range(key + "t", self.t, 0, 10**6)
         if self.t_range and (len(self.t_range) != 2 or not 0 <= self.t_range[0] <= self.t_range[1]):
             raise UserError(f"{key}t_range={self.t_range} is not [lo, hi] with 0 <= lo <= hi",
                             f"write e.g. {key}t_range=[0,100], or {key}t_range=[] to use {key}t")
         for name in ("hidden", "proj_dim", "pred_dim"):
-            _in_range(key + name, getattr(self, name), 1, 65536)
-        _in_range(key + "aug_strength", self.aug_strength, 0, 2)
+            in_range(key + name, getattr(self, name), 1, 65536)
+        in_range(key + "aug_strength", self.aug_strength, 0, 2)
 
 
 @dataclass
@@ -181,6 +212,21 @@ class TrainConfig:
     progress: bool = True
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # DDAE++
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            in_range(f"train.{name}", getattr(self, name), 1)
+        in_range("train.lr", self.lr, 0, lo_open=True, fix="use e.g. train.lr=3e-4")
+        in_range("train.weight_decay", self.weight_decay, 0)
+        in_range("train.warmup_steps", self.warmup_steps, 0)
+        in_range("train.max_grad_norm", self.max_grad_norm, 0, fix="use e.g. 1.0 (0 turns clipping off)")
+        in_range("train.ema_decay", self.ema_decay, 0, 1, hi_open=True, fix="use e.g. 0.999 (1 would never update)")
+        in_range("train.seed", self.seed, 0, 2**63 - 1)
+        in_range("train.augment", self.augment, 0, 100)
+        in_range("train.cond_dropout", self.cond_dropout, 0, 1)
+        one_of("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        one_of("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        one_of("train.timesteps", self.timesteps, sorted(STRATEGIES))
+
 
 @dataclass
 class SampleConfig:
@@ -192,6 +238,14 @@ class SampleConfig:
     image_scale: float = 1.0  # InstructPix2Pix s_I (1 = no image guidance)
     eta: float = 0.0
     batch_size: int = 32
+
+    def __post_init__(self):
+        one_of("sample.sampler", self.sampler, SCHEDULER_KINDS)
+        in_range("sample.steps", self.steps, 1)
+        in_range("sample.text_scale", self.text_scale, 0)
+        in_range("sample.image_scale", self.image_scale, 0)
+        in_range("sample.eta", self.eta, 0, 1)
+        in_range("sample.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -209,6 +263,19 @@ class GenRepEvalConfig:
     pr_k: int = 3
     grid_per_class: int = 8
     seed: int = 0
+
+    def __post_init__(self):
+        key = "task_options.genrep.eval."
+        for name in ("batch_size", "sample_steps", "pr_k"):
+            in_range(key + name, getattr(self, name), 1)
+        for name in ("samples_per_class", "grid_per_class", "seed"):
+            in_range(key + name, getattr(self, name), 0)
+        for t in self.noise_levels:
+            in_range(key + "noise_levels[]", t, 0)
+        one_of(key + "robust_timestep", self.robust_timestep, ("true", "zero"))
+        if not (self.feature_extractor == "classifier" or self.feature_extractor.startswith("torchscript:")):
+            raise UserError(f"{key}feature_extractor={self.feature_extractor!r} is not valid",
+                            "use classifier or torchscript:PATH")
 
 
 @dataclass
@@ -359,19 +426,31 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_preset_dict(name_or_path: str) -> dict:
-    """A preset name (``cpu-tiny``) or a YAML path; ``base: <preset>`` inherits another preset."""
+def load_preset_dict(name_or_path: str, _seen: tuple[Path, ...] = (), _folder: Path | None = None) -> dict:
+    """A preset name (``cpu-tiny``) or a YAML path; ``base: <preset or path>`` inherits another preset.
+
+    A relative ``base:`` path is read from the folder of the file that names it (not the working
+    directory); a chain of ``base:`` that comes back to a file already in it is refused."""
     path = Path(name_or_path)
+    if _folder is not None and not path.is_absolute():
+        path = _folder / path
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
+            where = f" (the base: of {_seen[-1]})" if _seen else ""
             raise UserError(
-                f"unknown preset '{name_or_path}'",
+                f"unknown preset '{name_or_path}'{where}",
                 "choose one of: " + ", ".join(list_presets()) + " (or give a path to a .yaml file)",
             )
+    path = path.resolve()
+    if path in _seen:
+        chain = " → ".join(p.name for p in (*_seen, path))
+        raise UserError(f"config base: cycle {chain}", f"remove the base: line of {_seen[-1]} that leads back")
     data = _read_yaml(path)
     base = data.pop("base", None)
-    return _merge(load_preset_dict(base), data) if base else data
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{path}: base: must be a preset name or a YAML path, got {base!r}", "e.g. base: cpu-tiny")
+    return _merge(load_preset_dict(base, (*_seen, path), path.parent), data) if base else data
 
 
 def parse_overrides(overrides: list[str]) -> dict:

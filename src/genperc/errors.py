@@ -28,3 +28,21 @@ def require_path(path, what: str, fix: str | None = None):
     if not p.exists():
         raise UserError(f"{what} not found: {p}", fix or "check the path")
     return p
+
+
+_NOTED: set[str] = set()
+
+
+def note_once(message: str, key: str | None = None) -> None:
+    """Say on stderr, once per process, that genperc changed something silently otherwise (a prompt
+    cut to the text encoder's length, 16-bit pixels reduced to 8 bits, damaged scenes skipped):
+    one line, ``[genperc] note: …``, in the style of the other status lines. ``key`` (default: the
+    message) is what counts as "the same note"."""
+    import sys
+
+    line = message.strip().replace("\n", " ")
+    key = key or line
+    if key in _NOTED:
+        return
+    _NOTED.add(key)
+    print(f"[genperc] note: {line}", file=sys.stderr, flush=True)

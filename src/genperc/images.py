@@ -6,6 +6,9 @@ arrays and PNG files: 16-bit depth, colourised depth, mask overlays, boxes with 
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,66 @@ from PIL import Image, ImageDraw
 
 MASK_COLOUR = (255, 40, 40)
 BOX_COLOUR = (40, 255, 40)
+
+#: Images with more pixels are refused before decoding (a "decompression bomb": a small file that
+#: decodes to gigabytes). PIL's own default; the environment variable GENPERC_MAX_IMAGE_PIXELS raises it.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def max_image_pixels() -> int:
+    raw = os.environ.get("GENPERC_MAX_IMAGE_PIXELS", "")
+    return int(raw) if raw.strip().isdigit() and int(raw) > 0 else MAX_IMAGE_PIXELS
+
+
+def open_image(source, what: str = "image", name=None) -> Image.Image:
+    """A decoded PIL image from a path or bytes, or a one-line :class:`~genperc.errors.UserError`
+    naming the file: not found, over :func:`max_image_pixels` (checked from the header, before
+    decoding), corrupt or not an image. ``name`` is the file named in messages (default: the path)."""
+    from genperc.errors import UserError
+
+    name = name if name is not None else source
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise UserError(f"{what} not found: {name}", "check the path")
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            w, h = im.size
+            if w * h > limit:
+                im.close()
+                raise UserError(f"{what} {name} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,}",
+                                "shrink it, or raise the limit with GENPERC_MAX_IMAGE_PIXELS=<pixels>")
+            sixteen = is_16bit_colour(im)  # the tile is gone after load()
+            im.load()
+            im.info["genperc_16bit"] = sixteen
+    except Image.DecompressionBombError:
+        raise UserError(f"{what} {name} is over the limit of {limit:,} pixels",
+                        "shrink it, or raise the limit with GENPERC_MAX_IMAGE_PIXELS=<pixels>") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's decoders raise these on bad data
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        head = f"cannot read {name} as an image" if what == "image" else f"cannot read {what} {name}"
+        raise UserError(f"{head} ({why})", "the file is corrupt or not an image; replace it or remove it") from None
+    return im
+
+
+def is_16bit_colour(im: Image.Image) -> bool:
+    """Whether the file stores more than 8 bits per colour channel (PIL decodes 48-bit RGB PNGs to 8 bits)."""
+    args = [getattr(t, "args", t[3] if len(t) > 3 else None) for t in (getattr(im, "tile", None) or [])]
+    return im.mode in ("RGB", "RGBA") and any(isinstance(a, str) and ";16" in a for a in args)
+
+
+def image_to_rgb8(im: Image.Image, name, notes: list[str] | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] from a PIL image opened by :func:`open_image`; 16-bit colour reduced to 8 bits
+    is said once on stderr, or appended to ``notes`` when given."""
+    from genperc.errors import note_once
+
+    if im.info.get("genperc_16bit"):
+        message = f"{name} has 16-bit colour; genperc reads images as 8-bit RGB (the low 8 bits are dropped)"
+        note_once(message) if notes is None else notes.append(message)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8).copy()
 
 
 def save_figure(fig, path) -> Path:

@@ -232,16 +232,12 @@ def evaluate_run(run: LoadedRun, split: str = "val", *, steps=None, sampler=None
 def load_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """An 8-bit RGB image as uint8 [H, W, 3] and notes on any conversion; a :class:`UserError` for
     a missing or unreadable file, a 16/32-bit single-channel image or one smaller than 8 px."""
-    from PIL import Image, UnidentifiedImageError
+    from genperc.images import image_to_rgb8, open_image
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}", "pass the path of a PNG or JPEG file")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})", "pass a PNG or JPEG file") from None
+    img = open_image(path)  # pixel limit, corrupt files: one line naming the file
     notes = []
     if img.mode in REFUSED_MODES:
         raise UserError(f"{path} is a {img.mode} (16/32-bit single-channel) image, not a photograph",
@@ -250,11 +246,10 @@ def load_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
         what = {"RGBA": "alpha channel dropped", "LA": "gray replicated, alpha dropped", "L": "gray replicated to RGB",
                 "P": "palette expanded", "1": "bilevel expanded"}.get(img.mode, "converted")
         notes.append(f"image mode {img.mode} → RGB ({what})")
-        img = img.convert("RGB")
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise UserError(f"{path} is {w}x{h} pixels, smaller than {MIN_SIDE} on a side", "pass a larger image")
-    return np.asarray(img, dtype=np.uint8).copy(), notes
+    return image_to_rgb8(img, path, notes), notes
 
 
 def prepare_image(image: np.ndarray, resolution: int) -> tuple[torch.Tensor, list[str]]:

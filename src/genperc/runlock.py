@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from genperc.atomic import ensure_writable_dir
 from genperc.errors import UserError
 
 try:
@@ -55,19 +56,19 @@ def locked(folder: str | os.PathLike, purpose: str) -> Iterator[Path]:
     """Hold the exclusive lock of ``folder`` (created if missing) for the block.
 
     Raises :class:`RunLocked` (a :class:`UserError`) at once when another process holds it, and a
-    :class:`UserError` when the folder cannot be created or written (so taking the lock is also the
-    check that an output folder is writable, before any work starts)."""
+    :class:`UserError` when the folder cannot be created or written
+    (:func:`genperc.atomic.ensure_writable_dir`)."""
     folder = Path(folder)
     key = folder.resolve()
     if key in _HELD:  # this process holds it already (re-entrant)
         yield folder
         return
+    ensure_writable_dir(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 - kept open while held; "a+" keeps the holder's note
     except OSError as e:
-        raise UserError(f"cannot write to {folder} ({e.strerror or e.__class__.__name__})",
-                        "pass a folder you may write to") from None
+        raise UserError(f"cannot write the lock file {folder / LOCK_NAME} ({e.strerror or e})",
+                        "choose a folder you may write to") from None
     try:
         if fcntl is not None:
             try:

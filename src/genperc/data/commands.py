@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from genperc.atomic import ensure_writable_dir
 from genperc.errors import UserError
 
 app = typer.Typer(help="The shapes world: render, inspect and check procedurally rendered data.",
@@ -96,10 +97,11 @@ def show(
     from genperc.data.world.show import contact_sheet
 
     source = WorldSource(directory, split=split, skip_bad=skip_bad)
+    out = out or Path(f"world_{source.split}_{index:06d}.png")
+    ensure_writable_dir(out.parent, "--out folder")
     if not 0 <= index < len(source):
         raise UserError(f"--index {index} is out of range for {source.split_dir} ({len(source)} scenes)",
                         f"use 0..{len(source) - 1}")
-    out = out or Path(f"world_{source.split}_{index:06d}.png")
     record = source[index]
     contact_sheet(record, out, title=f"{source.split_dir} #{record.meta['index']}",
                   categories=source.categories)
@@ -114,10 +116,12 @@ def check(
     split: str = typer.Option("train", help="Split to check."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Report damaged scenes instead of failing."),
 ):
-    """Validate every file of a split (presence, hash, decoding) and print a summary."""
-    from genperc.data.world.format import WorldSource
+    """Validate a split: the hash chain (manifest → SHA256SUMS → annotations.jsonl → every file),
+    every record's keys, every file's presence and decoding; print a summary."""
+    from genperc.data.world.format import WorldSource, check_sums
 
-    source = WorldSource(directory, split=split, skip_bad=True, progress=True)
+    source = WorldSource(directory, split=split, skip_bad=True, progress=True)  # checks the hash chain
+    check_sums(source)
     summary = source.summary
     if summary.skipped and not skip_bad:
         index, why = summary.bad[0]

@@ -18,12 +18,14 @@ import numpy as np
 
 from genperc.data.record import Expression, ObjectAnn, SceneRecord
 from genperc.data.world.scene import COLORS
+from genperc.errors import UserError
 
 SHAPES = ("disc", "square", "triangle")
 COLOURS = COLORS  # the CLEVR colours, shared with the rendered world
 # "red" objects are excluded from the referring source's palette by default: the referring target
 # paints the referred object pure red, and a red object would make the target ambiguous to a viewer.
 PALETTE = ("blue", "green", "brown", "purple", "cyan", "yellow", "gray")
+SPLITS = ("train", "val", "test")  # each its own random stream
 
 
 class ToyShapes:
@@ -40,6 +42,15 @@ class ToyShapes:
         min_objects: int = 2,
         max_objects: int = 4,
     ):
+        if split not in SPLITS:
+            raise UserError(f"the toy source has no split {split!r}", f"use one of {', '.join(SPLITS)}")
+        for key, value, lo in (("size", size, 1), ("resolution", resolution, 4), ("min_objects", min_objects, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise UserError(f"toy source {key}={value!r} must be an integer ≥ {lo}",
+                                f"set data.options.{key} (data.resolution for resolution) to {lo} or more")
+        if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < min_objects:
+            raise UserError(f"toy source max_objects={max_objects!r} must be an integer ≥ min_objects={min_objects}",
+                            "raise data.options.max_objects")
         self.size = size
         self.resolution = resolution
         self.split = split

@@ -26,6 +26,7 @@ as the paper does at inference), compared with the real images of the evaluation
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,24 @@ def train_feature_net(dataset, num_classes: int, *, epochs: int = 8, batch_size:
             loss.backward()
             opt.step()
     return net.eval()
+
+
+def cached_feature_net(path, dataset, num_classes: int, seed: int = 0) -> FeatureNet:
+    """The :class:`FeatureNet` saved at ``path`` (safetensors), else trained on ``dataset`` and saved
+    there: an experiment's generation metrics share one feature space across its runs."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    if path.is_file():
+        net = FeatureNet(num_classes)
+        net.load_state_dict(load_file(str(path)))
+        return net.eval()
+    net = train_feature_net(dataset, num_classes, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes sharing an experiment may race here
+    save_file(net.state_dict(), str(tmp))
+    os.replace(tmp, path)
+    return net
 
 
 class FeatureExtractor:

@@ -100,12 +100,13 @@ def base_config(dataset: str, size: str, overrides: list[str], world_path: str |
     return cfg
 
 
-def render_world(out: Path, size: str, log) -> Path:
-    """Single-object world scenes with shape × colour classes (8 on CPU: 4 shapes × red/blue)."""
+def render_world(out: Path, size: str, log, resolution: int | None = None) -> Path:
+    """Single-object world scenes with shape × colour classes (8 on CPU: 4 shapes × red/blue), at
+    ``resolution`` (default 32 px on cpu, 64 on gpu)."""
     from genperc.data.world.render_job import render_split
     from genperc.data.world.scene import WorldConfig
 
-    res = 32 if size == "cpu" else 64
+    res = resolution or (32 if size == "cpu" else 64)
     colors = ("red", "blue") if size == "cpu" else ("gray", "red", "blue", "green", "brown", "purple", "cyan",
                                                       "yellow")
     wc = WorldConfig.single_object(resolution=res, label_scheme="shape_color", colors=colors, spp=8 if size == "cpu"
@@ -216,18 +217,9 @@ class Experiment:
 
     def _feature_extractor(self):
         """The FID / precision / recall feature network (trained once) or a TorchScript one."""
-        from safetensors.torch import load_file, save_file
+        from genperc.evaluation.genrep import FeatureExtractor, cached_feature_net, real_images
 
-        from genperc.evaluation.genrep import FeatureExtractor, FeatureNet, real_images, train_feature_net
-
-        path = self.shared_dir / "featurenet.safetensors"
-        if path.is_file():
-            fnet = FeatureNet(self.num_classes)
-            fnet.load_state_dict(load_file(str(path)))
-            fnet.eval()
-        else:
-            fnet = train_feature_net(self.train_ds, self.num_classes, seed=0)
-            save_file(fnet.state_dict(), str(path))
+        fnet = cached_feature_net(self.shared_dir / "featurenet.safetensors", self.train_ds, self.num_classes)
         if "featurenet_top1" not in self.results:
             xr, yr = real_images(self.eval_ds)
             self.results["featurenet_top1"] = float((FeatureExtractor(fnet).classify(xr) == yr).float().mean())

@@ -128,6 +128,7 @@ class _HFTextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         )
+        self._note_truncated(texts, batch["attention_mask"])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         mask = batch["attention_mask"].bool()
         if self.attend_to_padding:
@@ -137,6 +138,20 @@ class _HFTextEncoder:
             mask = torch.ones_like(mask)
         hidden = self.model(**batch).last_hidden_state.float()
         return hidden, mask
+
+    def _note_truncated(self, texts: list[str], attention_mask: Tensor) -> None:
+        """Say once (stderr) when a prompt was cut to ``max_length`` tokens: only rows that fill the
+        length are tokenized again, without truncation, to tell a cut prompt from one that just fits."""
+        full = [t for t, n in zip(texts, attention_mask.sum(1).tolist(), strict=True) if n >= self.max_length]
+        if not full:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(full, truncation=False)["input_ids"]]
+        cut = [t for t, n in zip(full, lengths, strict=True) if n > self.max_length]
+        if cut:
+            from genperc.errors import note_once
+
+            note_once(f"prompts longer than the text encoder's {self.max_length} tokens are cut to that length "
+                      f"(model.text_max_length), e.g. {cut[0][:60]!r}", key=f"prompt-cut-{self.max_length}")
 
     def null(self) -> tuple[Tensor, Tensor]:
         """The encoding of "" ([1, L, D], [1, L]); the null text of InstructPix2Pix / ADDP."""

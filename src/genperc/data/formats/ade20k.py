@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genperc.data.formats.common import IMAGE_SUFFIXES, existing, read_image, read_label_png
+from genperc.data.formats.common import IMAGE_SUFFIXES, contained, existing, read_image, read_label_png
 from genperc.data.record import SceneRecord
 from genperc.errors import UserError
 
@@ -94,8 +94,9 @@ class ADE20KSource:
     def __getitem__(self, index: int) -> SceneRecord:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        image = read_image(self.images[index])
-        labels = read_label_png(self.annotations[index], "ADE20K annotation")
+        image_path, ann_path = self.images[index], self.annotations[index]
+        image = read_image(contained(image_path.parent, image_path.name, "ADE20K image"))
+        labels = read_label_png(contained(ann_path.parent, ann_path.name, "ADE20K annotation"), "ADE20K annotation")
         if labels.shape != image.shape[:2]:
             raise UserError(f"ADE20K annotation {self.annotations[index]} is "
                             f"{labels.shape[1]}x{labels.shape[0]}, its image is "

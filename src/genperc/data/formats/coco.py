@@ -24,6 +24,7 @@ import numpy as np
 
 from genperc.data.formats.common import (
     coco_segmentation_to_mask,
+    contained,
     existing,
     read_image,
     read_json,
@@ -93,7 +94,7 @@ class CocoSource:
         if not 0 <= index < len(self):
             raise IndexError(index)
         info = self._images[index]
-        path = self.image_dir / info["file_name"]
+        path = contained(self.image_dir, info.get("file_name"), f"{self.annotation_path.name}: image {info.get('id')} file_name")
         image = read_image(path)
         h, w = image.shape[:2]
         if (int(info.get("height", h)), int(info.get("width", w))) != (h, w):

@@ -35,46 +35,49 @@ def existing(path, what: str, fix: str | None = None) -> Path:
     return p
 
 
+def contained(root, relpath, what: str = "file") -> Path:
+    """``root / relpath`` for a path an annotation file names, or a one-line :class:`UserError`
+    when it is not a relative path that stays inside ``root`` once symlinks are resolved: an
+    absolute path, ``..`` out of the folder, a link that leads out, a NUL byte, not a string.
+    ``root`` is the folder the format keeps that kind of file in (a split folder, ``images/``, a
+    COCO image folder); it may itself be a link. Every loader joins annotation paths through here."""
+    if isinstance(relpath, Path):
+        relpath = str(relpath)
+    if not isinstance(relpath, str) or not relpath.strip() or "\0" in relpath:
+        raise UserError(f"{what} {relpath!r} is not a file path", "name the file relative to its folder")
+    rel = Path(relpath)
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if rel.is_absolute() or not target.is_relative_to(base):
+        raise UserError(f"{what} {relpath!r} is outside its folder {base}",
+                        "annotation files may only name files inside the data folder, by relative path")
+    return target
+
+
 def read_image(path) -> np.ndarray:
-    """An image file as uint8 ``[H, W, 3]`` RGB (grey and RGBA are converted; EXIF is ignored,
-    as COCO-style annotations are in stored-pixel coordinates)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as uint8 ``[H, W, 3]`` RGB (grey and RGBA are converted, 16-bit colour is
+    reduced to 8 bits with a note; EXIF is ignored, as COCO-style annotations are in stored-pixel
+    coordinates). Over the pixel limit, corrupt or not an image: a one-line error naming the file."""
+    from genperc.images import image_to_rgb8, open_image
 
     p = existing(path, "image")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise UserError(
-            f"cannot read image {p} ({type(exc).__name__}: {exc})",
-            "the file is corrupt or not an image; replace it or remove it from the data set",
-        ) from None
-    return arr
+    with open_image(p) as im:
+        return image_to_rgb8(im, p)
 
 
 def read_label_png(path, what: str = "label image") -> np.ndarray:
     """A single-channel 8- or 16-bit PNG (labels, instance ids, 16-bit depth) as an integer
     ``[H, W]`` array with the stored values (no palette-to-RGB conversion)."""
-    from PIL import Image, UnidentifiedImageError
+    from genperc.images import open_image
 
     p = existing(path, what)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode in ("RGB", "RGBA"):
-                raise UserError(
-                    f"{what} {p} has {im.mode} pixels, expected one channel of integer values",
-                    "save labels as a single-channel 8- or 16-bit (or palette) PNG",
-                )
-            arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise UserError(
-            f"cannot read {what} {p} ({type(exc).__name__}: {exc})",
-            "the file is corrupt or not a PNG; replace it",
-        ) from None
+    with open_image(p, what) as im:
+        if im.mode in ("RGB", "RGBA"):
+            raise UserError(
+                f"{what} {p} has {im.mode} pixels, expected one channel of integer values",
+                "save labels as a single-channel 8- or 16-bit (or palette) PNG",
+            )
+        arr = np.asarray(im)
     if arr.ndim != 2:
         raise UserError(f"{what} {p} has shape {arr.shape}, expected [H, W]", "save one channel")
     return arr.astype(np.int64) if arr.dtype.kind in "ui" else arr

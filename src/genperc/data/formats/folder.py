@@ -31,6 +31,7 @@ import numpy as np
 
 from genperc.data.formats.common import (
     IMAGE_SUFFIXES,
+    contained,
     existing,
     read_image,
     read_json,
@@ -175,7 +176,7 @@ class FolderSource:
         if not 0 <= index < len(self):
             raise IndexError(index)
         row = self._rows[index]
-        image = read_image(self.image_dir / row["image"])
+        image = read_image(contained(self.image_dir, row["image"], f"{self.root / 'annotations.jsonl'}: image"))
         hw = image.shape[:2]
         stem = self._stem(index)
         depth, valid = self._depth(stem, hw)
@@ -236,7 +237,7 @@ class ClassFolderSource:
         if not 0 <= index < len(self):
             raise IndexError(index)
         path, label = self._items[index]
-        return SceneRecord(image=read_image(path), class_label=label,
+        return SceneRecord(image=read_image(contained(self.root, path.relative_to(self.root), "image")), class_label=label,
                            meta={"source": "folder", "split": self.split, "file_name": f"{path.parent.name}/{path.name}"})
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from genperc.data.formats.common import (
     coco_segmentation_to_mask,
+    contained,
     existing,
     load_plain_pickle,
     read_image,
@@ -117,7 +118,8 @@ class RefCocoSource:
 
     def image_path(self, image_id) -> Path:
         info = self._images[image_id]
-        return self.image_dir / info.get("file_name", IMAGE_TEMPLATE % int(image_id))
+        return contained(self.image_dir, info.get("file_name", IMAGE_TEMPLATE % int(image_id)),
+                         f"instances.json: image {image_id} file_name")
 
     def expressions_at(self, index: int) -> list[Expression]:
         """The expressions of record ``index`` without reading its image."""

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from genperc.data.formats.common import contained
 from genperc.data.record import Expression, ObjectAnn, SceneRecord
 from genperc.errors import UserError
 
@@ -57,7 +58,13 @@ SCENE_FILES = {"image": ("images", ".png"), "depth": ("depth", ".npy"),
 SEMANTIC_IGNORE = 255
 PNG_COMPRESS_LEVEL = 6
 _FIX = ("re-run `genperc data render` with the same options (it re-renders missing or damaged "
-        "scenes), or pass --skip-bad / skip_bad=True to skip them")
+        "scenes), or skip damaged scenes: data.options.skip_bad=true (train, eval), --skip-bad (data show, check)")
+_CHAIN_FIX = ("re-run `genperc data render` with the same options to repair the split, or, for a split "
+              "edited on purpose, data.options.verify=false (nothing is then checked against the hashes)")
+#: keys every object and expression record has (``_load`` reads them all)
+OBJECT_KEYS = ("id", "shape", "category_id", "box", "color", "material", "size", "radius", "position",
+               "rotation", "pixels")
+EXPRESSION_KEYS = ("id", "text", "object_ids", "family")
 
 
 # --------------------------------------------------------------------------- writing
@@ -134,6 +141,78 @@ def read_manifest(split_dir: Path) -> dict:
     return manifest
 
 
+def _missing_keys(ann, hashed: bool) -> str | None:
+    """The first key a scene record lacks (dotted, e.g. ``objects[2].shape``), or None."""
+    if not isinstance(ann, dict):
+        return "(not a JSON object)"
+    for k in ("width", "height", "files", "objects", "expressions") + (("sha256",) if hashed else ()):
+        if k not in ann:
+            return k
+    for section in ("files",) + (("sha256",) if hashed else ()):
+        if not isinstance(ann[section], dict):
+            return f"{section} (not an object)"
+        for k in SCENE_FILES:
+            if k not in ann[section]:
+                return f"{section}.{k}"
+    for section, keys in (("objects", OBJECT_KEYS), ("expressions", EXPRESSION_KEYS)):
+        if not isinstance(ann[section], list):
+            return f"{section} (not a list)"
+        for n, item in enumerate(ann[section]):
+            if not isinstance(item, dict):
+                return f"{section}[{n}] (not an object)"
+            for k in keys:
+                if k not in item:
+                    return f"{section}[{n}].{k}"
+    return None
+
+
+def read_sums(split_dir: Path) -> dict[str, str]:
+    """``SHA256SUMS`` as {relative path: sha256}; a one-line error when missing or malformed."""
+    path = split_dir / "SHA256SUMS"
+    if not path.is_file():
+        raise UserError(f"{path}: missing", _CHAIN_FIX)
+    sums = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise UserError(f"{path}: line {n} is not '<sha256>  <path>'", _CHAIN_FIX)
+        sums[name] = digest
+    return sums
+
+
+def verify_chain(split_dir: Path, manifest: dict, jsonl_sha: str) -> dict[str, str]:
+    """The hash chain of a split, top down: the manifest's ``content_sha256`` is the SHA-256 of
+    ``SHA256SUMS``, whose last line is the SHA-256 of ``annotations.jsonl``, whose records hold the
+    SHA-256 of every scene file (checked when a scene is read). An edited label, expression, sum or
+    file breaks a link: a one-line :class:`UserError` naming it. Returns the sums."""
+    sums_path = split_dir / "SHA256SUMS"
+    sums = read_sums(split_dir)
+    if sha256(sums_path.read_bytes()) != manifest.get("content_sha256"):
+        raise UserError(f"{sums_path}: SHA-256 differs from content_sha256 in manifest.json (edited?)", _CHAIN_FIX)
+    if sums.get("annotations.jsonl") != jsonl_sha:
+        raise UserError(f"{split_dir / 'annotations.jsonl'}: SHA-256 differs from SHA256SUMS "
+                        "(labels or expressions edited?)", _CHAIN_FIX)
+    return sums
+
+
+def check_sums(source: WorldSource) -> None:
+    """Every line of ``SHA256SUMS`` agrees with the records of ``annotations.jsonl`` (same files, same
+    hashes) — the last link of the chain that :func:`verify_chain` does not walk file by file."""
+    sums = read_sums(source.split_dir)
+    sums.pop("annotations.jsonl", None)
+    listed = {}
+    for i in range(len(source._offsets)):
+        try:
+            ann = source._annotation(i)
+        except UserError:
+            continue  # reported by the scan
+        listed.update({ann["files"][k]: ann["sha256"][k] for k in SCENE_FILES})
+    wrong = sorted(p for p in set(sums) | set(listed) if sums.get(p) != listed.get(p))
+    if wrong:
+        raise UserError(f"{source.split_dir / 'SHA256SUMS'}: {len(wrong)} entries disagree with annotations.jsonl, "
+                        f"first {wrong[0]}", _CHAIN_FIX)
+
+
 @dataclass
 class Summary:
     """What a validating read found: scenes in total, and the bad ones skipped."""
@@ -178,7 +257,9 @@ class WorldSource:
         self.categories: list[str] = list(self.manifest["categories"])
         self.classes: list[str] = list(self.manifest.get("classes", []))
         self.verify = verify
-        self._offsets = self._index_lines()
+        self._offsets, jsonl_sha = self._index_lines()
+        if verify:
+            verify_chain(self.split_dir, self.manifest, jsonl_sha)
         expected = self.manifest.get("scenes")
         if expected is not None and expected != len(self._offsets):
             raise UserError(f"{self._jsonl}: {len(self._offsets)} scenes, the manifest says {expected}", _FIX)
@@ -191,16 +272,18 @@ class WorldSource:
     def _jsonl(self) -> Path:
         return self.split_dir / "annotations.jsonl"
 
-    def _index_lines(self) -> list[int]:
+    def _index_lines(self) -> tuple[list[int], str]:
+        """Offsets of the non-blank lines of annotations.jsonl, and the file's SHA-256."""
         if not self._jsonl.is_file():
             raise UserError(f"world annotations not found: {self._jsonl}", _FIX)
-        offsets, pos = [], 0
+        offsets, pos, digest = [], 0, hashlib.sha256()
         with open(self._jsonl, "rb") as f:
             for line in f:
+                digest.update(line)
                 if line.strip():
                     offsets.append(pos)
                 pos += len(line)
-        return offsets
+        return offsets, digest.hexdigest()
 
     def _scan(self, progress: bool) -> list[int]:
         from tqdm import tqdm
@@ -235,41 +318,41 @@ class WorldSource:
         with open(self._jsonl, "rb") as f:
             f.seek(self._offsets[raw_index])
             line = f.readline()
+        where = f"{self._jsonl}: line {raw_index + 1}"
         try:
             ann = json.loads(line)
-            if not isinstance(ann, dict) or not isinstance(ann.get("files"), dict):
-                raise TypeError("not a JSON object with 'files'")
-            missing = [k for k in ("width", "height", "objects", "expressions") if k not in ann]
-            missing += [f"files.{k}" for k in SCENE_FILES if k not in ann["files"]]
-            if missing:
-                raise KeyError(", ".join(missing))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{self._jsonl}: line {raw_index + 1} is not a valid scene record ({e})", _FIX) from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{where} is not a valid scene record ({e})", _FIX) from None
+        missing = _missing_keys(ann, self.verify)
+        if missing:
+            raise UserError(f"{where} is not a valid scene record (missing key {missing})", _FIX)
         return ann
 
     def _read(self, ann: dict, key: str) -> tuple[Path, bytes]:
-        path = self.split_dir / ann["files"][key]
+        path = contained(self.split_dir, ann["files"][key], f"{self._jsonl.name} scene {ann.get('index')} files.{key}")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise UserError(f"{path}: missing", _FIX) from None
         except OSError as e:
             raise UserError(f"{path}: unreadable ({e})", _FIX) from e
-        expected = ann.get("sha256", {}).get(key)
-        if self.verify and expected and sha256(data) != expected:
+        if self.verify and sha256(data) != ann["sha256"][key]:  # present: _missing_keys checked it
             raise UserError(f"{path}: corrupt (SHA-256 differs from annotations.jsonl)", _FIX)
         return path, data
 
     def _png(self, ann: dict, key: str, mode: str) -> np.ndarray:
+        from genperc.images import open_image
+
         path, data = self._read(ann, key)
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.mode != mode or im.size != (ann["width"], ann["height"]):
-                    raise ValueError(f"expected {mode} {ann['width']}x{ann['height']}, got {im.mode} {im.size[0]}x{im.size[1]}")
-                return np.asarray(im).copy()
-        except (OSError, ValueError, SyntaxError) as e:
-            raise UserError(f"{path}: corrupt ({e})", _FIX) from e
+            im = open_image(data, "scene file", name=path)
+        except UserError as e:  # over the pixel limit, or not decodable
+            raise UserError(e.problem if "limit" in e.problem else f"{path}: corrupt (not a readable PNG)", _FIX) from None
+        with im:
+            if im.mode != mode or im.size != (ann["width"], ann["height"]):
+                raise UserError(f"{path}: corrupt (expected {mode} {ann['width']}x{ann['height']}, got {im.mode} "
+                                f"{im.size[0]}x{im.size[1]})", _FIX)
+            return np.asarray(im).copy()
 
     def _npy(self, ann: dict, key: str) -> np.ndarray:
         path, data = self._read(ann, key)
@@ -299,7 +382,7 @@ class WorldSource:
                    for o in ann["objects"]]
         expressions = [Expression(text=e["text"], object_ids=list(e["object_ids"]),
                                   family=e["family"], id=e["id"]) for e in ann["expressions"]]
-        files = {k: str(self.split_dir / v) for k, v in ann["files"].items()}
+        files = {k: str(self.split_dir / ann["files"][k]) for k in SCENE_FILES}
         meta = {"source": "world", "split": self.split, "index": ann["index"], "files": files,
                 "relations": ann.get("relations"), "camera": ann.get("camera"),
                 "class_name": ann.get("class_name"),

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from genperc import __version__
+from genperc.atomic import ensure_writable_dir
+from genperc.data.formats.common import contained
 from genperc.data.world import render as renderer
 from genperc.data.world.annotate import annotate, semantic_map
 from genperc.data.world.format import (
@@ -111,9 +113,9 @@ def _scene_complete(split_dir: Path, index: int) -> bool:
     part = _part_path(split_dir, index)
     try:
         record = json.loads(part.read_bytes())
-        return all(sha256((split_dir / path).read_bytes()) == record["sha256"][key]
-                   for key, path in record["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
+        return all(sha256(contained(split_dir, record["files"][key]).read_bytes()) == record["sha256"][key]
+                   for key in SCENE_FILES) and set(record["files"]) == set(SCENE_FILES)
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return False
 
 
@@ -166,10 +168,46 @@ def _check_compatible(path: Path, new: dict) -> None:
                         "render into another --out folder, or delete that split folder first")
 
 
-def _absorb_old_annotations(split_dir: Path, scenes: int) -> None:
-    """A finished split being extended or repaired: its lines become part files again."""
+def _read_old_manifest(path: Path) -> dict:
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        return old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_not_shrinking(split_dir: Path, scenes: int, old: dict) -> None:
+    """Fewer --scenes than the split already holds would drop annotated scenes: refused."""
+    held = old.get("scenes") if isinstance(old.get("scenes"), int) else 0
+    parts = split_dir / ".parts"
+    if parts.is_dir():
+        held = max([held] + [int(p.stem) + 1 for p in parts.glob("*.json") if p.stem.isdigit()])
+    if held > scenes:
+        raise UserError(f"{split_dir} holds {held} scenes; --scenes {scenes} would drop the annotations of "
+                        f"{held - scenes}", f"pass --scenes {held} (or more), render into another --out, "
+                        "or delete that split folder first")
+
+
+def _trusted_annotations(split_dir: Path, old: dict) -> bool:
+    """Whether the finished split's annotations.jsonl still hashes to what its SHA256SUMS and the
+    old manifest's content_sha256 say: only then are its records reused (never tampered labels)."""
+    from genperc.data.world.format import verify_chain
+
     jsonl = split_dir / "annotations.jsonl"
-    if not jsonl.is_file():
+    if not old.get("complete") or not jsonl.is_file():
+        return False
+    try:
+        verify_chain(split_dir, old, sha256(jsonl.read_bytes()))
+        return True
+    except UserError:
+        return False
+
+
+def _absorb_old_annotations(split_dir: Path, scenes: int, old: dict) -> None:
+    """A finished split being extended or repaired: its lines become part files again, when the
+    hash chain vouches for them (else those scenes are rendered again, to the same bytes)."""
+    jsonl = split_dir / "annotations.jsonl"
+    if not _trusted_annotations(split_dir, old):
         return
     with open(jsonl, "rb") as f:
         for line in f:
@@ -223,18 +261,18 @@ def render_split(out, config: WorldConfig, *, split: str = "train", scenes: int,
     if workers < 1:
         raise UserError(f"--workers {workers} < 1", "use 1 or more worker processes")
     split_dir = Path(out) / split
-    if split_dir.exists() and not split_dir.is_dir():
-        raise UserError(f"{split_dir} exists and is not a folder", "choose another --out")
+    ensure_writable_dir(split_dir, "render output folder")  # before the renderer starts
     variant = renderer.configure(config.variant, threads=None)  # resolve "auto" here
     config = WorldConfig.from_dict(dict(config.to_dict(), variant=variant))
     manifest = _manifest(config, split, seed, scenes)
     manifest_path = split_dir / "manifest.json"
     _check_compatible(manifest_path, manifest)
-    split_dir.mkdir(parents=True, exist_ok=True)
+    old_manifest = _read_old_manifest(manifest_path)
+    _check_not_shrinking(split_dir, scenes, old_manifest)
     atomic_write(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
     _remove_stale_temporaries(split_dir)
-    _absorb_old_annotations(split_dir, scenes)
+    _absorb_old_annotations(split_dir, scenes, old_manifest)
     todo = [i for i in range(scenes) if not _scene_complete(split_dir, i)]
     bar = tqdm(total=scenes, initial=scenes - len(todo), desc=f"render {split}", unit="scene",
                disable=not progress)

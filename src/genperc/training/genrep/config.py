@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
-from genperc.config import GenRepEvalConfig, RunConfig, from_dict, load_config
+from genperc.config import GenRepEvalConfig, RunConfig, from_dict, in_range, load_config
 from genperc.errors import UserError
 from genperc.models.heads import HeadConfig
 from genperc.models.semantic import SemanticConfig
@@ -29,6 +29,12 @@ class StageConfig:
     def __post_init__(self):
         if self.trainable not in ("attention", "all"):
             raise UserError(f"stages.trainable={self.trainable!r} is not valid", "use attention or all")
+        key = "task_options.genrep.stages."
+        for name in ("pretrain_steps", "perception_steps", "unified_steps"):
+            in_range(key + name, getattr(self, name), 0)
+        for name in ("perception_lr", "unified_lr"):
+            if getattr(self, name) is not None:
+                in_range(key + name, getattr(self, name), 0, lo_open=True)
 
 
 @dataclass
@@ -45,6 +51,10 @@ class GenRepConfig:
     perception_t: int = 0
     seg_weight: float = 1.0
     depth_weight: float = 1.0
+
+    def __post_init__(self):
+        for name in ("vlb_weight", "seg_weight", "depth_weight", "perception_t"):
+            in_range(f"task_options.genrep.{name}", getattr(self, name), 0)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> GenRepConfig:
