@@ -10,7 +10,6 @@ from pathlib import Path
 
 from genperc.config import RunConfig
 from genperc.diffusion.schedule import NoiseSchedule
-from genperc.errors import UserError
 from genperc.tasks import Task, create_task
 
 
@@ -83,11 +82,7 @@ def ddae_options(cfg: RunConfig) -> dict:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete checkpoint directory of a run."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}", "pass a directory written by 'genperc train'")
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    if not ckpts:
-        raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}", "train longer than train.checkpoint_every steps or resume the run")
-    return ckpts[-1]
+    """The newest published checkpoint directory of a run (unchecked: see :func:`genperc.checkpoints.choose`)."""
+    from genperc.checkpoints import listing
+
+    return listing(run_dir)[0]

@@ -90,14 +90,19 @@ def train(
     preset: str = typer.Option("cpu-tiny", help="Config preset name or path to a YAML file (see `genperc presets`)."),
     task: str = typer.Option(None, help="Task: depth | referring | generalist. Overrides the preset's task."),
     run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Output run directory (default runs/<task>-<preset>)."),
-    resume: bool = typer.Option(False, help="Continue from the run directory's latest checkpoint."),
+    resume: bool = typer.Option(False, help="Continue from the run directory's newest intact checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace the run the directory holds (its checkpoints, metrics, "
+                                   "TensorBoard log and config are removed first)."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
-    """Train a denoiser for a task with the one trainer."""
+    """Train a denoiser for a task with the one trainer. A directory that holds a run is continued
+    only with --resume and replaced only with --overwrite; it is locked while training."""
     from genperc.config import load_config, load_run_config
-    from genperc.training.trainer import Trainer
+    from genperc.training.trainer import Trainer, check_claim
 
     extra = list(overrides or []) + ([f"task={task}"] if task else [])
+    if run_dir is not None:
+        check_claim(run_dir, resume, overwrite)  # before building anything; checked again under the lock
     if resume:
         if run_dir is None:
             raise UserError("--resume needs --run-dir", "pass the run directory to continue")
@@ -106,9 +111,11 @@ def train(
             cfg = load_config(base=cfg.to_dict(), overrides=extra)
     else:
         cfg = load_config(preset, extra)
-    run_dir = run_dir or Path("runs") / f"{cfg.task}-{Path(preset).stem}"
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.task}-{Path(preset).stem}"
+        check_claim(run_dir, resume, overwrite)
     ensure_writable_dir(run_dir, "run directory")
-    result = Trainer(cfg, run_dir).train(resume=resume)
+    result = Trainer(cfg, run_dir).train(resume=resume, overwrite=overwrite)
     typer.echo(f"trained {result.step} steps, final loss {result.loss:.4f}, "
                f"{result.images_per_s:.1f} images/s → {result.run_dir}")
 
@@ -127,7 +134,8 @@ def eval_(
     image_scale: float = typer.Option(None, help="InstructPix2Pix image guidance s_I (default: the run's)."),
     batch_size: int = typer.Option(None, help="Items per sampler call."),
     weights: str = typer.Option("ema", help="ema | model."),
-    checkpoint: str = typer.Option(None, help="A kept checkpoint: its step (e.g. 500) or folder (default: the newest)."),
+    checkpoint: str = typer.Option(None, help="A kept checkpoint: its step (e.g. 500) or folder (default: the "
+                                   "newest intact one)."),
     resolution: str = typer.Option(None, help="model | ground-truth: score at the model's resolution or, as "
                                    "Marigold does, upsampled to the ground truth's (depth; default: the task's)."),
     out: Path = typer.Option(None, help="Output folder (default RUN/eval/<split>-<checkpoint>)."),
@@ -145,30 +153,36 @@ def eval_(
     agent_k: int = typer.Option(3, help="--correction agent: confusers corrected and voted over."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of the run's config, e.g. data.path=… task_options.threshold=40"),
 ):
-    """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV."""
+    """Evaluate a trained run: metrics.json (summary, settings, machine) and a per-sample CSV.
+
+    The output folder is created and locked (one evaluation writes into it at a time) before the
+    evaluation starts; the run itself is only read, so a run may be evaluated while it trains."""
+    from genperc import runlock
     from genperc.inference import evaluate_run, load_run
 
     run = load_run(run_dir, weights=weights, overrides=list(overrides or []), checkpoint=checkpoint)
     out = out or run_dir / "eval" / f"{split}-{run.checkpoint.name}"
-    if correction != "none":
-        return _eval_corrections(run, split, out, correction=correction, rounds=rounds, limit=limit, seed=seed,
-                                 w_d=text_scale, w_i=image_scale, captioner=captioner,
-                                 language_model=language_model, k=agent_k)
-    evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
-                              limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
-                              image_scale=image_scale, out=out, resolution=resolution, progress=True,
-                              baselines=baselines, baseline_fit_items=baseline_fit_items)
-    settings = evaluation.settings
-    how = (f"discriminative, {settings['forward']}" if settings.get("mode") == "discriminative" else
-           f"{settings['sampler']} {settings['steps']} {settings['spacing']} steps, ensemble {settings['ensemble']}")
-    typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {how}, at {settings['resolution']} resolution, "
-               f"{settings['seconds']:.0f} s):")
-    for name, value in evaluation.summary.items():
-        typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
-    if baselines:
-        _echo_baselines(run.task, evaluation, settings)
-    typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
-    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
+    ensure_writable_dir(out, "--out folder")  # before evaluating
+    with runlock.locked(out, "genperc eval"):
+        if correction != "none":
+            return _eval_corrections(run, split, out, correction=correction, rounds=rounds, limit=limit, seed=seed,
+                                     w_d=text_scale, w_i=image_scale, captioner=captioner,
+                                     language_model=language_model, k=agent_k)
+        evaluation = evaluate_run(run, split, steps=steps, sampler=sampler, spacing=spacing, ensemble=ensemble,
+                                  limit=limit, seed=seed, batch_size=batch_size, text_scale=text_scale,
+                                  image_scale=image_scale, out=out, resolution=resolution, progress=True,
+                                  baselines=baselines, baseline_fit_items=baseline_fit_items)
+        settings = evaluation.settings
+        how = (f"discriminative, {settings['forward']}" if settings.get("mode") == "discriminative" else
+               f"{settings['sampler']} {settings['steps']} {settings['spacing']} steps, ensemble {settings['ensemble']}")
+        typer.echo(f"{run.task.name} on {split} ({settings['items']} items, {how}, at {settings['resolution']} resolution, "
+                   f"{settings['seconds']:.0f} s):")
+        for name, value in evaluation.summary.items():
+            typer.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
+        if baselines:
+            _echo_baselines(run.task, evaluation, settings)
+        typer.echo("settings: " + ", ".join(f"{k}={v}" for k, v in settings["task_settings"].items()))
+        typer.echo(f"wrote {out / 'metrics.json'} and {out / 'samples.csv'}")
 
 
 def _eval_corrections(run, split, out, **options) -> None:
@@ -223,12 +237,14 @@ def predict(
     w_dminus: float = typer.Option(1.0, "--w-dminus", help="w_D⁻: weight of the negative branch (the paper "
                                    "recommends w_D > w_D⁻)."),
     w_i: float = typer.Option(None, "--w-i", help="w_I: image guidance (default: the run's image scale)."),
+    checkpoint: str = typer.Option(None, help="A kept checkpoint: its step (e.g. 500) or folder (default: the "
+                                   "newest intact one)."),
 ):
     """Predict on one image: depth (16-bit PNG), mask (PNG) or boxes (JSON), plus visualisations."""
     from genperc.inference import load_run, predict_files
 
     ensure_writable_dir(out, "--out folder")  # before sampling
-    run = load_run(run_dir, weights=weights)
+    run = load_run(run_dir, weights=weights, checkpoint=checkpoint)
     paths, notes = predict_files(run, image, out, prompt, seed=seed, steps=steps, sampler=sampler, spacing=spacing,
                                  ensemble=ensemble, text_scale=w_d, image_scale=w_i, negatives=correct,
                                  negative_scale=w_dminus)

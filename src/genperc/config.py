@@ -303,7 +303,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the YAML atomically (a reader or a crash sees the old file or the new one)."""
+        from genperc.atomic import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +487,9 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, b
 #: config keys that do not change what a run trains (left out when a run is resumed with a config)
 BOOKKEEPING = ("sample.", "train.progress", "train.log_every", "data.num_workers")
 
+#: config keys that shape the weights a checkpoint holds: ``train --resume`` refuses to change them
+WEIGHT_KEYS = ("task", "model.", "diffusion.", "data.resolution")
+
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -492,13 +498,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_same_run(run_dir: str | Path, cfg: RunConfig, fix: str) -> None:
+def check_same_run(run_dir: str | Path, cfg: RunConfig, fix: str, only: tuple[str, ...] | None = None) -> None:
     """A one-line :class:`UserError` (with ``fix``) when the run in ``run_dir`` was trained with
-    another config than ``cfg`` (:data:`BOOKKEEPING` keys aside): resuming it would mix two runs."""
+    another config than ``cfg`` (:data:`BOOKKEEPING` keys aside): resuming it would mix two runs.
+    ``only``: compare just the keys that start with one of these (e.g. :data:`WEIGHT_KEYS`)."""
     saved = _flat(json.loads(json.dumps(load_run_config(run_dir).to_dict())))
     wanted = _flat(json.loads(json.dumps(cfg.to_dict())))
     diff = [k for k in sorted(set(saved) | set(wanted))
-            if not k.startswith(BOOKKEEPING) and saved.get(k) != wanted.get(k)]
+            if not k.startswith(BOOKKEEPING) and (only is None or k.startswith(only)) and saved.get(k) != wanted.get(k)]
     if diff:
         shown = ", ".join(f"{k}={saved.get(k)!r} (now {wanted.get(k)!r})" for k in diff[:3])
         raise UserError(f"{run_dir} was trained with another config: {shown}" + (" …" if len(diff) > 3 else ""), fix)

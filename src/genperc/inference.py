@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genperc import build
+from genperc import build, checkpoints
 from genperc.config import RunConfig, load_config, load_run_config
 from genperc.errors import UserError
 from genperc.evaluation.baselines import DEFAULT_FIT_ITEMS
@@ -52,22 +52,11 @@ class LoadedRun:
 def find_checkpoint(run_dir: str | Path, checkpoint: int | str | Path | None = None) -> Path:
     """A run's checkpoint directory: the newest (None), the one written after ``checkpoint``
     optimizer steps (an int, or a string of digits), or a path (``step-00000250`` inside
-    ``RUN/checkpoints``, or any checkpoint directory). A :class:`UserError` lists the run's steps."""
-    run_dir = Path(run_dir)
-    latest = build.latest_checkpoint(run_dir)  # checks the run directory and that it has checkpoints
+    ``RUN/checkpoints``, or any checkpoint directory). A :class:`UserError` lists the run's steps.
+    Only named, not read: :func:`load_run` reads and checks it."""
     if checkpoint is None:
-        return latest
-    if isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.strip().isdigit()):
-        path = run_dir / "checkpoints" / f"step-{int(checkpoint):08d}"
-    else:
-        path = Path(checkpoint)
-        if not path.is_dir() and not path.is_absolute():
-            path = run_dir / "checkpoints" / path
-    if not (path / "model").is_dir():
-        steps = [p.name.rsplit("-", 1)[-1].lstrip("0") or "0" for p in sorted(latest.parent.glob("step-*"))]
-        raise UserError(f"no checkpoint {checkpoint} in {run_dir / 'checkpoints'}",
-                        f"use one of the steps {', '.join(steps)}, or leave it out for the newest")
-    return path
+        return build.latest_checkpoint(run_dir)  # checks the run directory and that it has checkpoints
+    return checkpoints.resolve(run_dir, checkpoint)
 
 
 def load_run(run_dir: str | Path, *, weights: str = "ema", device: str | torch.device | None = None,
@@ -78,28 +67,39 @@ def load_run(run_dir: str | Path, *, weights: str = "ema", device: str | torch.d
     ``weights``: "ema" (default; falls back to "model" when the run kept no EMA) or "model".
     ``overrides``: dotted config keys applied on top of the saved config (``sample.steps=50``,
     ``data.path=…``, ``task_options.threshold=40``); architecture keys are ignored by loading.
-    ``checkpoint``: which of the run's checkpoints (default the newest): a training step or a
-    checkpoint directory (:func:`find_checkpoint`); the run's ``config.yaml`` describes it."""
-    from genperc.models.denoiser import Denoiser
-
+    ``checkpoint``: which of the run's checkpoints (:func:`find_checkpoint`); by default the newest
+    intact one — a corrupt newer one (unreadable or non-finite weights) is skipped with a warning on
+    stderr (:func:`genperc.checkpoints.choose`); a given one that is corrupt is a :class:`UserError`.
+    The run's ``config.yaml`` describes it."""
     if weights not in ("ema", "model"):
         raise UserError(f"weights={weights!r} is not valid", "use ema or model")
     run_dir = Path(run_dir)
-    ckpt = find_checkpoint(run_dir, checkpoint)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt, (model, weights) = checkpoints.choose(run_dir, lambda c: _read_denoiser(c, weights, device), checkpoint)
     cfg = load_run_config(run_dir)
     if overrides:
         cfg = load_config(base=cfg.to_dict(), overrides=list(overrides))
-    wdir = ckpt / weights
-    if weights == "ema" and not wdir.is_dir():
-        weights, wdir = "model", ckpt / "model"
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = build.build_task(cfg)
     space = build.build_space(cfg).to(device)
     if text_encoder is None:
         text_encoder = build.build_text_encoder(cfg, task)
-    model = Denoiser.from_pretrained(wdir, device=device).eval()
     return LoadedRun(cfg=cfg, task=task, model=model, schedule=build.build_schedule(cfg), space=space,
                      text_encoder=text_encoder, checkpoint=ckpt, weights=weights, device=device, run_dir=run_dir)
+
+
+def _read_denoiser(ckpt: Path, weights: str, device: torch.device):
+    """(the checkpoint's denoiser in eval mode, the weights used): ``ckpt/weights`` ("ema" falls back
+    to "model" when the run kept no EMA); :class:`CorruptCheckpoint` when it cannot be used."""
+    from genperc.models.denoiser import Denoiser
+
+    if weights == "ema" and not (ckpt / "ema").is_dir():
+        weights = "model"
+    try:
+        model = Denoiser.from_pretrained(ckpt / weights, device=device).eval()
+    except UserError as e:
+        raise checkpoints.CorruptCheckpoint(e.problem) from None
+    checkpoints.check_finite(model.state_dict().items(), f"{weights}/model.safetensors")
+    return model, weights
 
 
 def machine_info() -> dict:

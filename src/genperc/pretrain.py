@@ -98,7 +98,7 @@ def pretrain(out: str | Path, *, steps: int | None = None, world: str = "compact
     if resume:
         check_same_run(run_dir, cfg, "use another --out, or the options and overrides it was trained with")
     _log(f"training text-to-image on scene captions: {cfg.train.steps} steps of {cfg.model.arch} → {run_dir}")
-    Trainer(cfg, run_dir).train(resume=resume)
+    Trainer(cfg, run_dir).train(resume=resume, overwrite=not resume)
     record = export_generator(run_dir, out / "generator")
     if (root / "val").is_dir():
         evaluation = evaluate_run(load_run(run_dir), split="val", limit=eval_limit)

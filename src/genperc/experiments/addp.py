@@ -223,7 +223,8 @@ def _train(cfg, run_dir: Path):
     text_encoder = _text_encoder(cfg, task)
     start = time.perf_counter()
     trainer = Trainer(cfg, run_dir, task=task, text_encoder=text_encoder)
-    trained = trainer.train(resume=bool(list((run_dir / "checkpoints").glob("step-*"))))
+    resume = bool(list((run_dir / "checkpoints").glob("step-*")))
+    trained = trainer.train(resume=resume, overwrite=not resume)  # no checkpoint yet: start it over
     return trained, text_encoder, time.perf_counter() - start
 
 

@@ -93,7 +93,7 @@ def train_run(cfg: RunConfig, run_dir: Path, text_encoder, log=print) -> bool:
     if done >= cfg.train.steps:
         return False
     log(f"{run_dir.name}: training steps {done}→{cfg.train.steps}" + (" (resumed)" if done else ""))
-    Trainer(cfg, run_dir, text_encoder=text_encoder).train(resume=done > 0)
+    Trainer(cfg, run_dir, text_encoder=text_encoder).train(resume=done > 0, overwrite=not done)
     return True
 
 

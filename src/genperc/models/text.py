@@ -113,7 +113,9 @@ class _HFTextEncoder:
         return self
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode(self, texts: list[str], *, fixed_length: bool = False) -> tuple[Tensor, Tensor]:
+        """``fixed_length``: pad to ``max_length`` tokens whatever the padding, so that a text's states
+        do not depend on the texts batched with it (the attention's shapes would: ~1e-6 apart)."""
         texts = _as_list(texts)
         if not texts:
             return torch.zeros(0, 0, self.dim, device=self.device), torch.zeros(
@@ -121,7 +123,7 @@ class _HFTextEncoder:
             )
         batch = self.tokenizer(
             texts,
-            padding="max_length" if self.padding == "max_length" else True,
+            padding="max_length" if self.padding == "max_length" or fixed_length else True,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
@@ -263,7 +265,9 @@ class CLIPTextEncoderLocal(_HFTextEncoder):
 
 class CachedTextEncoder:
     """Memoise ``encoder.encode`` per text; states are kept unpadded on the CPU and re-padded (zeros,
-    mask False) to the longest text of each requested batch, then moved to ``device``.
+    mask False) to the longest text of each requested batch, then moved to ``device``. A
+    transformers encoder encodes the missing texts padded to its ``max_length``, so a text's states
+    do not depend on which texts it was first encoded with (order-independent, as resume needs).
 
     ``max_entries`` bounds the cache (least recently used first out); ``None`` = unbounded.
     Assumes right padding (true of BERT and CLIP tokenizers).
@@ -299,7 +303,10 @@ class CachedTextEncoder:
         self.hits += len(texts) - sum(1 for t in texts if t in missing)
         self.misses += len(missing)
         if missing:
-            hidden, mask = self.encoder.encode(missing)
+            # at a fixed length, whatever batch a text first comes in: a resumed run, whose cache
+            # fills in other batches, sees the very same states (exact resume)
+            fixed = {"fixed_length": True} if isinstance(self.encoder, _HFTextEncoder) else {}
+            hidden, mask = self.encoder.encode(missing, **fixed)
             hidden, mask = hidden.detach().float().cpu(), mask.detach().bool().cpu()
             for i, text in enumerate(missing):
                 real = mask[i].nonzero()

@@ -54,7 +54,7 @@ def train_and_read_losses(cfg: RunConfig, run_dir: Path) -> list[float]:
     """The default runner: train ``cfg`` into ``run_dir`` and return the ``loss`` column of its metrics."""
     from genperc.training.trainer import Trainer
 
-    Trainer(cfg, run_dir).train()
+    Trainer(cfg, run_dir).train(overwrite=True)  # a candidate is trained afresh each time
     with (Path(run_dir) / "metrics.csv").open() as f:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 

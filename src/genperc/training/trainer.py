@@ -44,12 +44,40 @@ trainer and saved in checkpoints, so a resumed run continues bit for bit. Mixed 
 accumulation and multi-process DDP (``accelerate launch``) come from Accelerate. Checkpoints are
 written atomically (temp dir, then rename); a non-finite loss stops training and leaves the last
 good checkpoint in place.
+
+What :meth:`Trainer.train` guarantees about its run directory (docs/guarantees.md):
+
+* **one writer**: the main process holds the directory's lock (:mod:`genperc.runlock`) while it
+  trains; a second trainer stops at once with one line naming the holder;
+* **no clobbering**: a directory that already holds a run (``config.yaml`` or a checkpoint) is
+  continued only with ``resume=True`` and replaced only with ``overwrite=True``
+  (:meth:`Trainer.claim`); a trainer may continue its own run in memory;
+* **validated resume**: the weight-shaping config keys (:data:`genperc.config.WEIGHT_KEYS`) must
+  match the run's, and the checkpoint must read whole, before anything is written; the newest
+  intact checkpoint is used, a corrupt newer one is skipped with a warning
+  (:func:`genperc.checkpoints.choose`); ``config.yaml`` is written last, atomically;
+* **exact resume**: a run killed at any point (``kill -9`` included) and resumed ends with the
+  same weights, bit for bit on the CPU, as one never interrupted: every random draw comes from
+  saved generators (the data loader's own generator included, so making a loader never draws from
+  torch's global one), the text cache encodes at a fixed length (:class:`CachedTextEncoder`), the
+  fp16 gradient scaler is saved; ``metrics.csv`` and TensorBoard drop the rows of steps after the
+  checkpoint, so replayed steps appear once. Leftover temporary checkpoint folders of a killed run
+  are removed when training starts. (Exactness on a GPU is as deterministic as its kernels; data
+  workers, ``data.num_workers > 0``, restart their own RNG on resume.)
+* **Ctrl-C** stops training with one line on stderr naming the last checkpoint, then re-raises
+  ``KeyboardInterrupt``.
+
+``GENPERC_FAULT_SLEEP_IN_SAVE=seconds[@step]`` (for fault-injection tests only) makes
+:meth:`Trainer.save_checkpoint` (of that step only, when given) print ``[genperc] fault: in
+save_checkpoint <temp folder>`` on stderr and sleep that long with the checkpoint half written
+(weights written, ``optimizer.pt`` and ``state.json`` not yet), so a test can kill the process there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -61,11 +89,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from genperc import build, runtime
-from genperc.config import RunConfig
+from genperc import build, checkpoints, runlock, runtime
+from genperc.config import WEIGHT_KEYS, RunConfig, check_same_run
 from genperc.diffusion.conditioning import Conditioning
 from genperc.diffusion.timesteps import build_timestep_sampler
 from genperc.errors import UserError
@@ -157,6 +185,7 @@ class Trainer:
         self.generator.manual_seed(tc.seed * 7919 + self.accelerator.process_index)
         self.data_position = 0  # micro-batches consumed by this rank (saved in checkpoints)
         self._null = None
+        self._claimed = False  # train() wrote this run (a second train() continues it)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -184,8 +213,11 @@ class Trainer:
         order = SeededBatchOrder(len(self.dataset), self.cfg.train.batch_size, self.cfg.train.seed,
                                  self.accelerator.process_index, self.accelerator.num_processes,
                                  start=self.data_position)
+        # its own generator: making the loader's iterator never draws from torch's global RNG, which a
+        # resumed run has just restored (a draw there would shift every later global draw)
         return DataLoader(self.dataset, batch_sampler=order, collate_fn=collate,
-                          num_workers=self.cfg.data.num_workers, persistent_workers=False)
+                          num_workers=self.cfg.data.num_workers, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.cfg.train.seed))
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -268,16 +300,67 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def train(self, resume: bool = False, max_steps: int | None = None,
-              time_limit_s: float | None = None) -> TrainResult:
-        """Train to ``train.steps`` (or ``max_steps``); ``time_limit_s`` stops early with a checkpoint."""
+              time_limit_s: float | None = None, overwrite: bool = False) -> TrainResult:
+        """Train to ``train.steps`` (or ``max_steps``); ``time_limit_s`` stops early with a checkpoint.
+
+        ``resume``: continue from the run's newest intact checkpoint; ``overwrite``: replace the run
+        the directory holds. Without either, a directory that holds a run is refused (:meth:`claim`).
+        The run directory is locked while training (:mod:`genperc.runlock`); Ctrl-C prints the last
+        checkpoint and re-raises ``KeyboardInterrupt``."""
+        with self._run_lock():
+            self.claim(resume=resume, overwrite=overwrite)
+            try:
+                return self._loop(max_steps, time_limit_s)
+            except KeyboardInterrupt:
+                if self.is_main:
+                    last = _last_checkpoint_name(self.run_dir)
+                    print(f"interrupted at step {self.step}; last checkpoint: "
+                          + (f"{last} — continue with --resume" if last else "none — start over with --overwrite"),
+                          file=sys.stderr, flush=True)
+                raise
+
+    def claim(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Make ``run_dir`` this trainer's run, changing nothing until every check has passed.
+
+        A directory that holds a run (:func:`holds_run`) is refused unless ``resume`` (load the
+        newest intact checkpoint, :meth:`load_checkpoint`) or ``overwrite`` (remove its checkpoints,
+        metrics, TensorBoard log and config first; other folders, e.g. ``eval/``, are left) — or this
+        trainer wrote it (a second ``train()`` continues in memory). Temporary folders of a killed
+        run are removed; ``config.yaml`` is written last, atomically."""
+        if not self._claimed:
+            check_claim(self.run_dir, resume, overwrite)
+        self.accelerator.wait_for_everyone()  # every rank has looked before the main one changes anything
+        if self.is_main:
+            clear_run(self.run_dir, everything=overwrite)
+        self.accelerator.wait_for_everyone()
+        if resume:
+            if _last_checkpoint_name(self.run_dir) is None:
+                raise UserError(f"no checkpoint in {self.run_dir / 'checkpoints'} to resume from",
+                                "start the run over with --overwrite (overwrite=True)")
+            self.load_checkpoint()
+        if self.is_main:
+            self.cfg.save(self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        self._claimed = True
+
+    @contextlib.contextmanager
+    def _run_lock(self):
+        """The run directory's lock, held by the main process; every rank stops when it is taken."""
+        with contextlib.ExitStack() as stack:
+            error = None
+            if self.is_main:
+                try:
+                    stack.enter_context(runlock.locked(self.run_dir, "genperc train"))
+                except runlock.RunLocked as e:
+                    error = e
+            if self._agree(error is not None):
+                raise error or runlock.RunLocked(f"{self.run_dir} is in use", "see the main process's message")
+            yield
+
+    def _loop(self, max_steps: int | None, time_limit_s: float | None) -> TrainResult:
         tc = self.cfg.train
         total = tc.steps if max_steps is None else min(tc.steps, max_steps)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.run_dir / "config.yaml")
-        if resume:
-            self.load_checkpoint()
-        logger = _Logger(self.run_dir, enabled=self.is_main, resume=resume)
+        logger = _Logger(self.run_dir, enabled=self.is_main, last_step=self.step)
         loader = iter(self._loader())
         per_step_images = tc.batch_size * tc.grad_accum * self.accelerator.num_processes
         if self.is_main and tc.progress:
@@ -353,8 +436,11 @@ class Trainer:
                 self.ema.copy_to(model.parameters())
                 model.save_pretrained(tmp / "ema")
                 self.ema.restore(model.parameters())
+            _fault_pause(tmp, self.step)
+            scaler = getattr(acc, "scaler", None)
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "ema_step": self.ema.optimization_step if self.ema is not None else 0},
+                        "ema_step": self.ema.optimization_step if self.ema is not None else 0,
+                        "scaler": scaler.state_dict() if scaler is not None else None},
                        tmp / "optimizer.pt")
             for part in self._stateful():
                 part.save_state(tmp)
@@ -372,27 +458,55 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, path: str | Path | None = None) -> None:
-        ckpt = Path(path) if path else build.latest_checkpoint(self.run_dir)
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["world_size"] != self.accelerator.num_processes:
-            raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
-                            f"{self.accelerator.num_processes}", "resume with the same --num_processes")
-        self.unwrapped.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
-        opt = torch.load(ckpt / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
+    def load_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Restore the trainer from ``path`` (a step or a folder) or the run's newest intact
+        checkpoint (:func:`genperc.checkpoints.choose`): the run's weight-shaping config keys must be
+        this config's, and every file is read and checked before anything is applied."""
+        if (self.run_dir / "config.yaml").is_file():
+            check_same_run(self.run_dir, self.cfg, "resume with the run's own model settings, or train into "
+                           "another run directory", only=WEIGHT_KEYS)
+        quiet = None if self.is_main else (lambda line: None)  # skipped checkpoints are told once
+        ckpt, parts = checkpoints.choose(self.run_dir, self._read_checkpoint, path, warn=quiet)
+        self.unwrapped.load_state_dict(parts["model"])
+        opt = parts["optimizer"]
         self.optimizer.load_state_dict(opt["optimizer"])
         self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and opt.get("scaler"):
+            scaler.load_state_dict(opt["scaler"])
         if self.ema is not None:
-            ema_model = type(self.unwrapped).from_pretrained(ckpt / "ema")
-            self.ema.shadow_params = [p.detach().clone().to(self.accelerator.device) for p in ema_model.parameters()]
+            device = self.accelerator.device
+            self.ema.shadow_params = [parts["ema"][name].to(device) for name, _ in self.unwrapped.named_parameters()]
             self.ema.optimization_step = opt["ema_step"]
         for part in self._stateful():
             part.load_state(ckpt)
-        rng = load_file(str(ckpt / f"rng-rank{self.accelerator.process_index}.safetensors"))
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        self.step = state["step"]
-        self.data_position = state["data_position"]
+        self.generator.set_state(parts["rng"]["generator"])
+        torch.set_rng_state(parts["rng"]["torch"])
+        self.step = parts["state"]["step"]
+        self.data_position = parts["state"]["data_position"]
+        return ckpt
+
+    def _read_checkpoint(self, ckpt: Path) -> dict:
+        """Every file of a checkpoint this trainer restores, read and checked, nothing applied
+        (:class:`genperc.checkpoints.CorruptCheckpoint` when one cannot be used)."""
+        state = checkpoints.read_state(ckpt)
+        if state["world_size"] != self.accelerator.num_processes:
+            raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
+                            f"{self.accelerator.num_processes}", "resume with the same --num_processes")
+        parts = {"state": state}
+        for sub in ("model", "ema") if self.ema is not None else ("model",):
+            parts[sub] = checkpoints.read_tensors(ckpt / sub / "model.safetensors")
+            checkpoints.check_fits(parts[sub], self.unwrapped, f"{sub}/model.safetensors")
+        opt = checkpoints.read_torch(ckpt / "optimizer.pt", map_location=self.accelerator.device)
+        if not isinstance(opt, dict) or not {"optimizer", "lr_scheduler", "ema_step"} <= set(opt):
+            raise checkpoints.CorruptCheckpoint("optimizer.pt lacks the optimizer, lr_scheduler or ema_step")
+        checkpoints.check_finite(((f"optimizer state {i}.{k}", v) for i, st in opt["optimizer"].get("state", {}).items()
+                                  for k, v in st.items() if isinstance(v, torch.Tensor)), "optimizer.pt")
+        parts["optimizer"] = opt
+        parts["rng"] = checkpoints.read_tensors(ckpt / f"rng-rank{self.accelerator.process_index}.safetensors")
+        if not {"generator", "torch"} <= set(parts["rng"]):
+            raise checkpoints.CorruptCheckpoint(f"rng-rank{self.accelerator.process_index}.safetensors lacks a state")
+        return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +550,52 @@ def _lr_schedule(optimizer, tc):
 
 
 def _last_checkpoint_name(run_dir: Path) -> str | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    return str(ckpts[-1]) if ckpts else None
+    try:
+        return str(checkpoints.listing(run_dir)[0])
+    except UserError:
+        return None
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a run: its ``config.yaml`` or a published checkpoint."""
+    run_dir = Path(run_dir)
+    return (run_dir / "config.yaml").exists() or any((run_dir / "checkpoints").glob("step-*"))
+
+
+def check_claim(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """A :class:`UserError` when training into ``run_dir`` would clobber a run: it holds one and
+    neither ``resume`` nor ``overwrite`` is given (or both are)."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other",
+                        "pass --resume to continue the run or --overwrite to replace it")
+    if not (resume or overwrite) and holds_run(run_dir):
+        raise UserError(f"{run_dir} already holds a run", "pass --resume to continue it or --overwrite to replace it")
+
+
+def clear_run(run_dir: Path, everything: bool = False) -> None:
+    """Remove what a killed trainer leaves behind (temporary checkpoint folders and config files);
+    ``everything``: also the run a trainer wrote (checkpoints, ``metrics.csv``, ``tb/``, ``config.yaml``)."""
+    leftovers = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *run_dir.glob(".config.yaml.tmp-*")]
+    if everything:
+        leftovers += [run_dir / name for name in ("checkpoints", "tb", "metrics.csv", "config.yaml")]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _fault_pause(where: Path, step: int) -> None:
+    """``GENPERC_FAULT_SLEEP_IN_SAVE=seconds[@step]``: announce and sleep with a checkpoint half written
+    (of that step only, when given), so that fault-injection tests can kill the process there
+    (module docstring). Unset: nothing."""
+    value = os.environ.get("GENPERC_FAULT_SLEEP_IN_SAVE")
+    if not value:
+        return
+    seconds, _, at = value.partition("@")
+    if not at or int(at) == step:
+        print(f"[genperc] fault: in save_checkpoint {where}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
 
 
 def _flat(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -455,24 +613,24 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 class _Logger:
-    """CSV (``metrics.csv``) and TensorBoard (``tb/``) scalars, main process only."""
+    """CSV (``metrics.csv``) and TensorBoard (``tb/``) scalars, main process only.
 
-    def __init__(self, run_dir: Path, enabled: bool, resume: bool):
+    Rows of steps after ``last_step`` (the step training starts from) are dropped when it opens, so a
+    resumed run's replayed steps appear once; TensorBoard purges them likewise (``purge_step``)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, last_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.csv"
         self._fields: list[str] | None = None
         self.tensorboard = None
         if not enabled:
             return
-        if not resume and self.path.exists():
-            self.path.unlink()
         if self.path.exists():
-            with self.path.open() as f:
-                self._fields = next(csv.reader(f), None)
+            self._fields = _truncate_metrics(self.path, last_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(run_dir / "tb"))
+            self.tensorboard = SummaryWriter(str(run_dir / "tb"), purge_step=last_step + 1 if last_step else None)
         except ImportError:  # tensorboard is optional at run time
             self.tensorboard = None
 
@@ -495,3 +653,24 @@ class _Logger:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> list[str] | None:
+    """Keep the header and the rows of steps ≤ ``last_step`` (rewritten atomically); the header, or
+    None when no row is left (the file is then removed)."""
+    from genperc.atomic import atomic_write_text
+
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # a row half written when the process was killed
+        lines.pop()
+    rows = list(csv.reader(lines))
+    kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    if not rows or not kept:
+        path.unlink()
+        return None
+    if len(kept) < len(rows) - 1 or len(lines) < len(text.splitlines()):
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([rows[0], *kept])
+        atomic_write_text(path, buffer.getvalue())
+    return rows[0]

@@ -114,7 +114,7 @@ def train_generator(cfg: RunConfig, run_dir: Path, task, source, gcfg: GenRepCon
     t0 = time.perf_counter()
     trainer = Trainer(stage_config(cfg, steps, None, cfg.train.ema), stage_dir, task=task, train_source=source,
                       model=denoiser, objectives=[HybridDiffusionObjective(gcfg.vlb_weight)], accelerator=accelerator)
-    res = trainer.train()
+    res = trainer.train(overwrite=True)  # an unfinished stage starts over
     seconds = time.perf_counter() - t0
     if trainer.is_main:
         (stage_dir / "timing.json").write_text(json.dumps({"stage0_s": seconds}))
@@ -291,7 +291,7 @@ class GenRepRun:
                           task=self.task, train_source=self.source, model=model, objectives=[perception],
                           combiner=combiner, accelerator=self.accelerator)
         trainer_ref.append(trainer)
-        res = trainer.train()
+        res = trainer.train(overwrite=True)  # an unfinished stage starts over
         self.timing["stage1_s"] = time.perf_counter() - t0
         if provider is not None:
             self.timing["stage1_posterior_s"] = provider.compute_seconds
@@ -345,7 +345,7 @@ class GenRepRun:
                           task=self.task, train_source=self.source, model=unified, objectives=objectives,
                           combiner=combiner, hooks=[teacher], accelerator=self.accelerator)
         trainer_ref.append(trainer)
-        res = trainer.train()
+        res = trainer.train(overwrite=True)  # an unfinished stage starts over
         self.timing["stage2_s"] = time.perf_counter() - t0
         if provider is not None:
             self.timing["stage2_posterior_s"] = provider.compute_seconds
