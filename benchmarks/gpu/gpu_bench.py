@@ -150,6 +150,8 @@ def drive(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars in log.txt
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="genperc-gpu-"))
@@ -251,8 +253,9 @@ def summary(results: dict) -> str:
                          f"{r.get('agreement_cuda_vs_scalar', '-')}")
     for name, p in (_get(st, "presets", "result") or {}).items():
         if isinstance(p, dict) and "metrics" in p:
-            lines.append(f"preset {name}: {p.get('steps', '')} steps, train {p.get('train_images_per_s', '-')} img/s, "
-                         f"eval {json.dumps(p['metrics'])[:110]}")
+            steps = f"{p['steps']} steps, {p.get('train_images_per_s')} img/s" if "steps" in p else \
+                f"stages {p.get('stages')}, {p.get('train_s')} s"
+            lines.append(f"preset {name}: {steps}, eval {json.dumps(p['metrics'])[:100]}")
         elif isinstance(p, dict) and ("error" in p or "skipped" in p):
             lines.append(f"preset {name}: {(p.get('error') or p.get('skipped'))[:110]}")
     acc = _get(st, "accelerate", "result") or {}

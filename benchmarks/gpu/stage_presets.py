@@ -109,7 +109,7 @@ def _genrep(ctx: Ctx) -> dict:
 
 
 def presets(ctx: Ctx) -> dict:
-    text_encoder, what = text_encoder_override(ctx.work)
+    text_encoder, what = text_encoder_override(ctx.work, ctx.smoke)
     ctx.result["text_encoder"] = what
     info = ctx.part("world_data", lambda: world(ctx), need_s=5.0)
     data = Path(info["path"]) if info else None
@@ -131,7 +131,7 @@ def accelerate(ctx: Ctx) -> dict:
     data = ctx.work / "world"
     if not (data / "train" / "manifest.json").is_file():
         ctx.part("world_data", lambda: world(ctx), need_s=5.0)
-    text_encoder, what = text_encoder_override(ctx.work)
+    text_encoder, what = text_encoder_override(ctx.work, ctx.smoke)
     run_dir = ctx.work / "runs" / "accelerate-gpu-small"
     steps = 2 if ctx.smoke else 100
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",

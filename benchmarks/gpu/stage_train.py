@@ -184,7 +184,7 @@ def trainer_vs_bare(ctx: Ctx) -> dict:
     """Stage 2: genperc's Trainer as a ratio to the bare diffusers InstructPix2Pix step."""
     dtype = compute_dtype(ctx.device)
     peak = matmul_peak(ctx.device, dtype, ctx.smoke)
-    text_encoder, what = text_encoder_override(ctx.work)
+    text_encoder, what = text_encoder_override(ctx.work, ctx.smoke)
     ctx.result.update(text_encoder=what, matmul_peak_tflop_s=round(peak / 1e12, 3), data="toy (generated on the fly)")
     ctx.save()
     for preset, extra in SMOKE_PRESETS if ctx.smoke else GPU_PRESETS:
