@@ -35,10 +35,10 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "src")]  # common + stage modul
 # to 7.5 minutes; the smoke budgets are loose (a shared 2-core machine), they only stop a hang.
 STAGES = {
     "train": ("stage_train", "train_throughput", 130, 90),
-    "bare": ("stage_train", "trainer_vs_bare", 55, 90),
+    "bare": ("stage_train", "trainer_vs_bare", 45, 90),
     "sample": ("stage_sample", "sampling", 35, 60),
-    "render": ("stage_render", "rendering", 35, 60),
-    "presets": ("stage_presets", "presets", 140, 180),
+    "render": ("stage_render", "rendering", 30, 60),
+    "presets": ("stage_presets", "presets", 160, 180),
     "accelerate": ("stage_presets", "accelerate", 40, 90),
 }
 GRACE_S = 15  # a stage's process is killed this long after its budget (imports, clean-up)
@@ -49,9 +49,8 @@ TARGETS = {"mfu_unet_base_128px_bf16": 0.40, "trainer_over_bare_max": 1.05, "sam
 
 
 def run_stage(name: str, result_path: Path, work: Path, budget: float, smoke: bool) -> int:
-    import torch
-
     import common
+    import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     if device.type == "cpu":

@@ -15,14 +15,14 @@ from pathlib import Path
 from common import ROOT, Ctx, text_encoder_override
 
 PRESETS = ("gpu-small", "gpu-depth", "gpu-generalist")
-GPU = {"world": {"train": 1024, "val": 128}, "resolution": 64, "steps": 300, "time_limit_s": 30, "eval_items": 128,
+GPU = {"world": {"train": 1024, "val": 128}, "resolution": 64, "steps": 300, "time_limit_s": 20, "eval_items": 64,
        "eval_steps": 10, "overrides": []}
 SMOKE = {"world": {"train": 6, "val": 4}, "resolution": 32, "steps": 2, "time_limit_s": 30, "eval_items": 4,
          "eval_steps": 2, "overrides": ["model.arch=unet-tiny", "model.sample_size=32", "data.resolution=32",
                                         "train.batch_size=4", "data.num_workers=0", "sample.batch_size=4"]}
 GENREP_GPU = [f"task_options.genrep.{k}" for k in (
-    "stages.pretrain_steps=300", "stages.perception_steps=100", "stages.unified_steps=100", "posterior.steps=50",
-    "posterior.burn_in=10", "posterior.subset=1024", "eval.sample_steps=20")] + ["train.log_every=50"]
+    "stages.pretrain_steps=300", "stages.perception_steps=100", "stages.unified_steps=100", "posterior.steps=40",
+    "posterior.burn_in=10", "posterior.subset=512", "eval.sample_steps=20")] + ["train.log_every=50"]
 GENREP_SMOKE = [f"task_options.genrep.{k}" for k in (
     "stages.pretrain_steps=3", "stages.perception_steps=2", "stages.unified_steps=2", "posterior.steps=8",
     "posterior.burn_in=2", "posterior.subset=10", "heads.width=16")] + [
@@ -117,7 +117,7 @@ def presets(ctx: Ctx) -> dict:
         if data is None:
             ctx.result[preset] = {"skipped": "no world data (see world_data)"}
             continue
-        ctx.part(preset, lambda p=preset: _preset(ctx, p, data, text_encoder), need_s=5.0 if ctx.smoke else 35.0)
+        ctx.part(preset, lambda p=preset: _preset(ctx, p, data, text_encoder), need_s=5.0 if ctx.smoke else 25.0)
     ctx.part("genrep-gpu", lambda: _genrep(ctx), need_s=10.0 if ctx.smoke else 45.0)
     return ctx.result
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from common import Ctx
 
-GPU = {"resolutions": (64, 128), "scenes": 24}
+GPU = {"resolutions": (64, 128), "scenes": 12}
 SMOKE = {"resolutions": (32,), "scenes": 3}
 
 

@@ -4,7 +4,7 @@ UNet (genperc's denoiser backbone, random weights), scheduler, steps, guidance a
 from __future__ import annotations
 
 import torch
-from common import Ctx, tiny_clip, tiny_vae, timed
+from common import Ctx, timed, tiny_clip, tiny_vae
 
 # (arch, latent pixels, batch, DDIM steps)
 GPU_CASES = [("unet-small", 64, 64, 20), ("unet-base", 64, 32, 20)]

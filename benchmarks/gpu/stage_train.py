@@ -26,7 +26,6 @@ from common import (
 # (arch, pixels, largest batch tried); the batch is sized to the GPU's memory below it
 GPU_CASES = [("unet-small", 64, 512), ("unet-base", 128, 256)]
 SMOKE_CASES = [("unet-tiny", 16, 2)]
-VARIANTS = ("eager", "channels_last", "compile", "compile+channels_last")
 
 
 def _denoiser_unet(arch: str, size: int):
@@ -69,59 +68,71 @@ def _variant_step(ctx: Ctx, arch: str, size: int, batch: int, variant: str, bf16
                     channels_last="channels_last" in variant, compile="compile" in variant)
 
 
-def _case(ctx: Ctx, arch: str, size: int, cap: int, peak: float, bf16: bool) -> dict:
-    out: dict = {"arch": arch, "pixels": size}
-    ctx.result.setdefault("cases", {})[f"{arch}_{size}px"] = out
+def _prepare_case(ctx: Ctx, arch: str, size: int, cap: int, bf16: bool) -> dict:
+    """Batch size and FLOPs of one case (FLOPs counted on the eager step by torch.utils.flop_counter)."""
+    out: dict = {"arch": arch, "pixels": size, "variants": {}}
     batch, rule = size_batch(ctx, arch, size, cap)
     out.update(batch=batch, batch_rule=rule)
     eager = _variant_step(ctx, arch, size, batch, "eager", bf16)
-    flops = bench_train().step_flops(eager)
+    out["flops"] = flops = bench_train().step_flops(eager)
     out.update(gflop_per_image=round(flops / batch / 1e9, 3), gflop_per_step=round(flops / 1e9, 2))
-    del eager
+    return out
+
+
+def _measure(ctx: Ctx, case: dict, variant: str, peak: float, bf16: bool) -> dict:
+    """Median step time of one variant (after two warm-up steps: compilation, autotuning, allocator)."""
     repeats, steps = (2, 2) if ctx.smoke else (5, 5)
-    variants: dict = {}
-    out["variants"] = variants
-    for variant in VARIANTS:
-        if "compile" in variant and not ctx.cuda:
-            variants[variant] = {"skipped": "torch.compile is measured on the GPU only (smoke runs on the CPU)"}
-            continue
-        need = 10.0 if ctx.smoke else (90.0 if "compile" in variant else 15.0)
+    batch, flops = case["batch"], case["flops"]
+    t0 = time.time()
+    step = _variant_step(ctx, case["arch"], case["pixels"], batch, variant, bf16)
+    step()
+    step()
+    sync(ctx.device)
+    warm = time.time() - t0
+    sec = timed({variant: step}, ctx.device, repeats, steps)[variant]
+    del step
+    if "compile" in variant:
+        torch._dynamo.reset()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return {"s_per_step": round(sec, 5), "images_per_s": round(batch / sec, 1), "tflop_s": round(flops / sec / 1e12, 3),
+            "mfu": round(flops / sec / peak, 4), "warmup_s": round(warm, 1)}
 
-        def measure(variant=variant):
-            t0 = time.time()
-            step = _variant_step(ctx, arch, size, batch, variant, bf16)
-            step()
-            step()  # compile / autotune / allocator warm-up
-            sync(ctx.device)
-            warm = time.time() - t0
-            sec = timed({variant: step}, ctx.device, repeats, steps)[variant]
-            del step
-            if ctx.cuda:
-                torch.cuda.empty_cache()
-            return {"s_per_step": round(sec, 5), "images_per_s": round(batch / sec, 1),
-                    "tflop_s": round(flops / sec / 1e12, 3), "mfu": round(flops / sec / peak, 4),
-                    "warmup_s": round(warm, 1)}
 
-        ctx.part(variant, measure, need_s=need, into=variants)
-    done = {k: v for k, v in variants.items() if "mfu" in v}
+def _best(case: dict) -> None:
+    done = {k: v for k, v in case["variants"].items() if "mfu" in v}
     if done:
         best = max(done, key=lambda k: done[k]["mfu"])
-        out.update(best=best, mfu_best=done[best]["mfu"], images_per_s_best=done[best]["images_per_s"])
-    return out
+        case.update(best=best, mfu_best=done[best]["mfu"], images_per_s_best=done[best]["images_per_s"])
 
 
 def train_throughput(ctx: Ctx) -> dict:
     """Stage 1: images/s and MFU of the bare training step of unet-small 64 px and unet-base 128 px
-    (bf16 autocast on the GPU), eager / channels_last / torch.compile / both."""
+    (bf16 autocast on the GPU), eager / channels_last / torch.compile / both. The eager variants of
+    every case come first; the compiled ones (tens of seconds of compilation each) after, unet-base's
+    first, as long as the stage's budget lasts."""
     dtype = compute_dtype(ctx.device)
     bf16 = dtype == torch.bfloat16
     peak = matmul_peak(ctx.device, dtype, ctx.smoke)
     ctx.result.update(precision="bf16" if bf16 else "fp32", matmul_peak_tflop_s=round(peak / 1e12, 3),
                       step="diffusers InstructPix2Pix example step (common.IP2PStep)")
     ctx.save()
+    cases = ctx.result.setdefault("cases", {})
     for arch, size, cap in SMOKE_CASES if ctx.smoke else GPU_CASES:
-        ctx.part(f"{arch}_{size}px", lambda a=arch, s=size, c=cap: _case(ctx, a, s, c, peak, bf16),
-                 need_s=5.0 if ctx.smoke else 40.0, into=ctx.result.setdefault("cases", {}))
+        ctx.part(f"{arch}_{size}px", lambda a=arch, s=size, c=cap: _prepare_case(ctx, a, s, c, bf16),
+                 need_s=5.0 if ctx.smoke else 20.0, into=cases)
+    ready = {k: c for k, c in cases.items() if isinstance(c, dict) and "flops" in c}
+    plan = [(k, v) for v in ("eager", "channels_last") for k in ready]
+    plan += [(k, v) for v in ("compile+channels_last", "compile") for k in reversed(ready)]  # unet-base first
+    for key, variant in plan:
+        case = ready[key]
+        if "compile" in variant and not ctx.cuda:
+            case["variants"][variant] = {"skipped": "torch.compile is measured on the GPU only (smoke runs on the CPU)"}
+            continue
+        need = 5.0 if ctx.smoke else (60.0 if "compile" in variant else 10.0)
+        ctx.part(variant, lambda c=case, v=variant: _measure(ctx, c, v, peak, bf16), need_s=need, into=case["variants"])
+        _best(case)
+        ctx.save()
     return ctx.result
 
 
@@ -138,7 +149,9 @@ def _trainer_vs_bare(ctx: Ctx, preset: str, extra: list[str], text_encoder: str,
     from genperc.config import load_config
     from genperc.training.trainer import Trainer
 
-    repeats, steps = (2, 3) if ctx.smoke else (3, 15)
+    # one long timed call on the GPU (each call ends with a checkpoint: seconds for unet-base); the
+    # shared CPU interleaves short ones against its noise
+    repeats, steps = (2, 3) if ctx.smoke else (1, 30)
     with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
         cfg = load_config(preset, ["data.source=toy", f"model.text_encoder={text_encoder}", "train.progress=false",
                                    "train.steps=1000000", "train.checkpoint_every=1000000", "train.log_every=10",
