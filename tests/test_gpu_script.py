@@ -1,7 +1,7 @@
 """The GPU benchmark script (benchmarks/gpu, issue 16; docs/gpu.md) works before GPU time is spent.
 
-The whole ``--smoke`` run (every stage at toy sizes on the CPU, through run.sh) takes minutes on a
-shared 2-core machine, so it is marked slow; the fast tests cover its parts: the bare diffusers
+The whole ``--smoke`` run (every stage at toy sizes on the CPU, one torch thread, through run.sh)
+takes about 65 s on a shared 2-core machine; the fast tests cover its parts: the bare diffusers
 step, a stage's guarded parts, a failing stage, and the reading of results.json.
 """
 
@@ -104,10 +104,9 @@ def test_run_sh_and_the_driver_parse():
         gpu_bench.main(["--help"])
 
 
-# ---- slow: the whole smoke run -------------------------------------------------------------------
+# ---- the whole smoke run -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_smoke_run_measures_every_stage(tmp_path):
     """``run.sh OUT --smoke``: every stage ends ok with positive throughputs, an MFU in (0, 1] and a
     finite trainer/bare ratio; the compile and cuda parts say why they were skipped."""

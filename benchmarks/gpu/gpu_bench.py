@@ -53,10 +53,11 @@ def run_stage(name: str, result_path: Path, work: Path, budget: float, smoke: bo
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    if device.type == "cpu":
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))  # this run's own compile cache
+    if device.type == "cpu":  # one torch thread in the smoke run: a shared, loaded CPU stalls spinning threads
         from genperc import runtime
 
-        runtime.configure_threads(None, announce=False)
+        runtime.configure_threads(1 if smoke else None, announce=False)
     ctx = common.Ctx(device=device, smoke=smoke, work=work, deadline=time.time() + budget, result_path=result_path)
     module, fn, *_ = STAGES[name]
     try:

@@ -136,7 +136,8 @@ def accelerate(ctx: Ctx) -> dict:
     steps = 2 if ctx.smoke else 100
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "bf16" if ctx.cuda else "no", "--dynamo_backend", "no",
-           *([] if ctx.cuda else ["--cpu"]), "-m", "genperc.cli", "train", "--preset", "gpu-small", "-o", str(run_dir),
+           *([] if ctx.cuda else ["--cpu"]), "-m", "genperc.cli",
+           *(["--threads", "1"] if ctx.smoke else []), "train", "--preset", "gpu-small", "-o", str(run_dir),
            f"data.path={data}", f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10",
            f"model.text_encoder={text_encoder}", *sizes["overrides"]]
     ctx.result.update(command=" ".join(cmd[1:]), text_encoder=what)
