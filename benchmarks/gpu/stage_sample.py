@@ -52,7 +52,8 @@ def _case(ctx: Ctx, arch: str, size: int, batch: int, steps: int, dtype: torch.d
         outputs["genperc"] = sample(
             model, x_T, Conditioning(text=text, text_mask=mask, image=image), schedule=sched, sampler="ddim",
             num_steps=steps, guidance=InstructPix2PixGuidance(text_scale=TEXT_SCALE, image_scale=IMAGE_SCALE),
-            null_cond=Conditioning(text=null_text, text_mask=null_mask), generator=torch.Generator().manual_seed(1),
+            null_cond=Conditioning(text=null_text, text_mask=null_mask),
+            generator=torch.Generator(device=ctx.device).manual_seed(1),
         ).sample
 
     @torch.no_grad()

@@ -185,9 +185,11 @@ def _trainer_vs_bare(ctx: Ctx, preset: str, extra: list[str], text_encoder: str,
             trainer_steps += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             bare_steps.append(timed({"bare": bare}, ctx.device, 1, steps)["bare"])
     batch = cfg.train.batch_size
-    tr, br = statistics.median(trainer_steps), statistics.median(bare_steps)
+    # the trainer's mean step (a data stall every few steps counts), like the bare step's block mean
+    tr, br = statistics.mean(trainer_steps), statistics.median(bare_steps)
     return {"arch": cfg.model.arch, "pixels": cfg.data.resolution, "batch": batch, "precision": trainer.precision,
-            "num_workers": cfg.data.num_workers, "trainer_s_per_step": round(tr, 5), "bare_s_per_step": round(br, 5),
+            "num_workers": cfg.data.num_workers, "trainer_s_per_step": round(tr, 5),
+            "trainer_s_per_step_median": round(statistics.median(trainer_steps), 5), "bare_s_per_step": round(br, 5),
             "trainer_images_per_s": round(batch / tr, 1), "bare_images_per_s": round(batch / br, 1),
             "trainer_over_bare": round(tr / br, 3) if math.isfinite(tr / br) else None,
             "trainer_mfu": round(flops / tr / peak, 4), "bare_mfu": round(flops / br / peak, 4)}
