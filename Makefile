@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # nothing more (an unpinned torch would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install browser demo test test-slow bench lint fixtures world-generator clean
+.PHONY: install browser demo test test-slow bench gpu-smoke gpu-wheels lint fixtures world-generator clean
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# The GPU benchmark (docs/gpu.md): every stage at toy sizes on the CPU, and the wheels a GPU run carries.
+gpu-smoke: install
+	PATH=$(BIN):$$PATH PYTHON=$(BIN)/python bash benchmarks/gpu/run.sh bench-results/gpu-smoke --smoke
+
+gpu-wheels: install
+	PYTHON=$(BIN)/python bash benchmarks/gpu/fetch_wheels.sh
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
