@@ -54,6 +54,7 @@ def ddae_command(
     probe_views: int = typer.Option(8, help="Cached probe views (the clean one + augmented ones)."),
     probe_updates: int = typer.Option(5865, help="The probe's Adam updates at least (DDAE: 15 × 391)."),
     samples_per_class: int = typer.Option(25, help="Generated samples per class for FID / precision / recall."),
+    sample_steps: int = typer.Option(50, help="DDPM steps of those samples."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """DDAE++: baseline, + self-conditioning, + self-conditioning + contrastive distillation at equal
@@ -69,7 +70,7 @@ def ddae_command(
     out = out or Path("runs") / f"ddae-{dataset}-{preset.replace('/', '_')}"
     run_experiment(dataset=dataset, preset=preset, seeds=seeds, out=out, overrides=list(overrides or []),
                    world_path=world_path, only_seeds=only, probe_t=ts, probe_views=probe_views, probe_updates=probe_updates,
-                   samples_per_class=samples_per_class, log=typer.echo)
+                   samples_per_class=samples_per_class, sample_steps=sample_steps, log=typer.echo)
 
 
 @app.command("ddae-select")

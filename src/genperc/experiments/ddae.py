@@ -78,11 +78,12 @@ class Experiment:
     """One ``--out`` directory: its shared feature network, its runs and its tables."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, dataset: str, preset: str, probe_t=PROBE_T,
-                 probe_views: int = 8, probe_updates: int = 15 * 391, samples_per_class: int = 25, log=print):
+                 probe_views: int = 8, probe_updates: int = 15 * 391, samples_per_class: int = 25, sample_steps: int = 50,
+                 log=print):
         self.cfg, self.out, self.log = cfg, out, log
         self.dataset, self.preset = dataset, preset
         self.probe_t, self.probe_views, self.samples_per_class = list(probe_t), probe_views, samples_per_class
-        self.probe_updates = probe_updates
+        self.probe_updates, self.sample_steps = probe_updates, sample_steps
         (out / "shared").mkdir(parents=True, exist_ok=True)
 
     # -- one run ----------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Experiment:
             check_same_run(run, cfg, "use another --out, or the preset, overrides and --steps it was run with")
         self.log(f"== {run.name}: training {cfg.train.steps} steps" + (" (resumed)" if resume else ""))
         start = time.perf_counter()
-        result = Trainer(cfg, run).train(resume=resume)
+        result = Trainer(cfg, run).train(resume=resume, overwrite=not resume)  # no checkpoint: nothing to keep
         done = {"seconds": done["seconds"] + time.perf_counter() - start, "step": result.step,
                 "images_per_s": result.images_per_s}
         atomic_write_text(timing, json.dumps(done))
@@ -119,7 +120,7 @@ class Experiment:
         loaded = load_run(run, weights="ema")
         eval_ds = _split(loaded, loaded.cfg.data.val_split)
         extractor = self.feature_extractor(loaded)
-        ev = GenRepEvalConfig(samples_per_class=self.samples_per_class, seed=seed)
+        ev = GenRepEvalConfig(samples_per_class=self.samples_per_class, sample_steps=self.sample_steps, seed=seed)
         gen = generation_metrics(loaded.model, eval_ds, extractor, loaded.task.num_classes, schedule=loaded.schedule,
                                  cfg=ev, out_dir=run / "eval", names=loaded.task.class_names)
         data = load_probe_data(loaded, seed=seed)
@@ -230,7 +231,7 @@ def _claims(vals, ratio) -> list[str]:
 def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3, out: str | Path = "runs/ddae",
                    overrides: list[str] | None = None, world_path: str | None = None, only_seeds=None,
                    probe_t=PROBE_T, probe_views: int = 8, probe_updates: int = 15 * 391, samples_per_class: int = 25,
-                   log=print) -> dict:
+                   sample_steps: int = 50, log=print) -> dict:
     """Train and judge every arm × seed (module docstring); writes ``results.json`` and ``tables.md``
     when every run of the ``seeds`` is done."""
     if seeds < 1:
@@ -244,7 +245,8 @@ def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3,
                                       resolution=load_config(PRESETS.get(preset, preset)).data.resolution))
     cfg = base_config(dataset, preset, list(overrides or []), world_path)
     exp = Experiment(cfg, out, dataset=dataset, preset=preset, probe_t=probe_t, probe_views=probe_views,
-                     probe_updates=probe_updates, samples_per_class=samples_per_class, log=log)
+                     probe_updates=probe_updates, samples_per_class=samples_per_class, sample_steps=sample_steps,
+                     log=log)
     for seed in (range(seeds) if only_seeds is None else only_seeds):
         for arm in ARMS:
             exp.run(arm, seed)
