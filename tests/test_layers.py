@@ -14,15 +14,16 @@ ROOT = Path(genperc.__file__).parent
 
 #: Each top-level unit of the package (a subpackage or a module) and its layer, lowest first.
 LAYERS: dict[str, int] = {
-    "genperc": 0, "errors": 0, "atomic": 0, "metrics": 0, "images": 0, "runtime": 0,
+    "genperc": 0, "errors": 0, "atomic": 0, "metrics": 0, "images": 0, "runtime": 0, "checkpoints": 0, "runlock": 0,
     "diffusion": 1,
-    "config": 2, "data": 2,
-    "models": 3, "tasks": 3,
-    "build": 4,
-    "training": 5, "evaluation": 5,
-    "inference": 6,
-    "experiments": 7, "interactive": 7, "analyze": 7, "demo": 7, "pretrain": 7,
-    "cli": 8,
+    "data": 2,
+    "config": 3,  # validates data.source and split names with genperc.data's own checks
+    "models": 4, "tasks": 4,
+    "build": 5,
+    "training": 6, "evaluation": 6,
+    "inference": 7,
+    "experiments": 8, "interactive": 8, "analyze": 8, "demo": 8, "pretrain": 8,
+    "cli": 9,
 }
 
 
