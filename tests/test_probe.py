@@ -143,6 +143,8 @@ def test_probe_learns_colour_classes_and_is_at_chance_on_shuffled_labels(unet_ru
     good = linear_probe(unet_run, colour_data(), [1], ["mid", "up2"], FAST)
     assert good.best[2] > 0.9, good.top1
     assert good.settings["anchors"]["chance"] == 0.25 and good.settings["anchors"]["pixels"] > 0.9
+    fresh = good.settings["anchors"]["random_init"]
+    assert fresh["t"] == 1 and fresh["block"] in ("mid", "up2") and 0 <= fresh["top1"] <= 1
     chance = linear_probe(unet_run, colour_data(shuffle=True), [1], ["mid", "up2"], FAST, anchors=False)
     assert max(chance.top1.values()) < 0.5, chance.top1
 

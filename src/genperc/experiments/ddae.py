@@ -18,7 +18,8 @@ Each run is judged on (``runs/<arm>-s<seed>/ddae.json``):
 * **Representation** — the DDAE linear probe (:mod:`genperc.experiments.probe`) on the run's own
   classes, every block at the noise levels ``probe_t``, cached views (``probe_views``; the probe's
   docstring says what that approximates) and DDAE's update count; the best cell (t, block) is
-  the arm's number, beside the chance level and the same probe on the clean pixels.
+  the arm's number, beside the chance level, the same probe on the clean pixels and on a freshly
+  initialised denoiser (what training added).
 * **Cost** — the training loop's step time (from its images/s) as a ratio to the baseline of the
   same seed. The arms run one after another on a machine that may be shared, so this ratio carries
   the machine's drift; ``make bench`` (``benchmarks/bench_ddae.py``) measures the overhead
@@ -202,9 +203,12 @@ def render_tables(results: dict) -> str:
                      f"{fmt_mean_std(ratio(arm), digits=2)} |")
     anchors = [r["anchors"] for r in runs.values()]
     if anchors:
+        fresh = [a["random_init"]["top1"] for a in anchors if "random_init" in a]
         lines += ["", f"Anchors (same probe, same data): chance {anchors[0]['chance']:.3f}; clean pixels "
-                      f"{statistics.mean(a['pixels'] for a in anchors):.3f}. FID / precision / recall in the "
-                      "feature space of a small classifier trained on the training split (not Inception)."]
+                      f"{statistics.mean(a['pixels'] for a in anchors):.3f}"
+                      + (f"; a freshly initialised denoiser (best cell) {statistics.mean(fresh):.3f}" if fresh else "")
+                      + ". FID / precision / recall in the feature space of a small classifier trained on the "
+                      "training split (not Inception)."]
     lines += ["", "Claims (mean over seeds):"] + _claims(vals, ratio)
     return "\n".join(lines) + "\n"
 

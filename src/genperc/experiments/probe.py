@@ -37,8 +37,11 @@ reports its gains with the same probe. As implemented here:
   the clean images, then ``cache_draws − 1`` crops and flips, each with its own ε — and epoch e trains
   on view e mod ``cache_draws``: ``cache_draws`` passes instead of epochs, a cheaper approximation
   of DDAE's number (one view: a quick look).
-* **Anchors** (DESIGN.md): the chance level and the same probe on the clean pixels
-  (:func:`pixel_anchor`), reported beside the cells; features below the pixel anchor are a defect.
+* **Anchors** (DESIGN.md): the chance level, the same probe on the clean pixels
+  (:func:`pixel_anchor`) and the best cell of the same probe on a freshly initialised denoiser of
+  the same architecture (:func:`random_init_anchor`: what training added), reported beside the
+  cells. Features below the random-init anchor are a defect; the pixel anchor keeps the spatial
+  layout that global average pooling removes and can lie above both on small centred images.
 * **Grid** (DDAE's ``--grid``): every block at every t of a list. One denoiser pass per batch serves
   all blocks, and each cell is trained exactly as a single probe of that cell (the same seed, batches,
   crops and noise), so a grid cell equals the single run. Default ts: DDAE's {1, 11, 21} widened to
@@ -357,7 +360,9 @@ class ProbeResult:
         lines.append(f"best: t={t}, block {b}: top-1 {acc:.4f}")
         if "anchors" in self.settings:
             a = self.settings["anchors"]
-            lines.append(f"anchors: chance {a['chance']:.4f}, the same probe on the clean pixels {a['pixels']:.4f}")
+            lines.append(f"anchors: chance {a['chance']:.4f}, the same probe on the clean pixels {a['pixels']:.4f}"
+                         + (f", on a freshly initialised denoiser {a['random_init']['top1']:.4f} (t={a['random_init']['t']}"
+                            f", {a['random_init']['block']})" if "random_init" in a else ""))
         return "\n".join(lines)
 
     def write(self, out: str | Path) -> list[Path]:
@@ -473,6 +478,23 @@ def pixel_anchor(data: ProbeData, config: ProbeConfig | None = None, device: tor
     return _test_top1(pixels, heads, data, 0, cfg)["pixels"]
 
 
+def random_init_anchor(run: LoadedRun, data: ProbeData, timesteps: Sequence[int], blocks: Sequence[str],
+                       config: ProbeConfig | None = None) -> dict:
+    """The best cell of the same probe (cells, settings, seed) on a *freshly initialised* denoiser of
+    the run's architecture and config (its ``train.seed``): what training added to the features.
+    Global-average-pooled features of an untrained network are the anchor a learned representation
+    must clear; the raw-pixel anchor keeps the spatial layout that pooling removes, so on small
+    centred images (the digits) it can lie above both."""
+    from dataclasses import replace
+
+    from genperc import build
+
+    fresh = build.build_model(run.cfg, run.task, run.space, run.text_encoder).to(run.device).eval()
+    result = linear_probe(replace(run, model=fresh), data, timesteps, blocks, config, anchors=False)
+    t, block, top1 = result.best
+    return {"top1": top1, "t": t, "block": block}
+
+
 def linear_probe(run: LoadedRun, data: ProbeData, timesteps: Sequence[int], blocks: Sequence[str],
                  config: ProbeConfig | None = None, progress: bool = False, anchors: bool = True) -> ProbeResult:
     """Train and test a linear probe on every (t, block) cell (module docstring). ``anchors``: also
@@ -505,7 +527,8 @@ def linear_probe(run: LoadedRun, data: ProbeData, timesteps: Sequence[int], bloc
                 "padding": cfg.crop_padding(int(data.train_images.shape[-1])),
                 "seconds": round(time.perf_counter() - start, 2), "machine": machine_info()}
     if anchors:
-        settings["anchors"] = {"chance": 1 / data.num_classes, "pixels": pixel_anchor(data, cfg, run.device)}
+        settings["anchors"] = {"chance": 1 / data.num_classes, "pixels": pixel_anchor(data, cfg, run.device),
+                               "random_init": random_init_anchor(run, data, timesteps, blocks, cfg)}
     return ProbeResult(top1=top1, timesteps=[int(t) for t in timesteps], blocks=list(blocks), settings=settings)
 
 
