@@ -74,7 +74,6 @@ def test_kill_9_while_a_checkpoint_is_written(tmp_path, reference, train_argv, c
     resume_and_compare(run, reference, cli)
 
 
-@pytest.mark.slow  # ~18 s; the checkpoint-write kill above holds the same guarantees in the fast suite
 def test_kill_9_during_a_step(tmp_path, reference, train_argv, cli):
     run = tmp_path / "run"
     proc = start(run, train_argv)
