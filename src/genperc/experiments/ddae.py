@@ -108,7 +108,7 @@ class Experiment:
         start = time.perf_counter()
         result = Trainer(cfg, run).train(resume=resume, overwrite=not resume)  # no checkpoint: nothing to keep
         done = {"seconds": done["seconds"] + time.perf_counter() - start, "step": result.step,
-                "images_per_s": result.images_per_s}
+                "images_per_s": result.images_per_s or done.get("images_per_s")}  # None: trained elsewhere
         atomic_write_text(timing, json.dumps(done))
         return run, done
 
@@ -184,8 +184,9 @@ def render_tables(results: dict) -> str:
         return [runs[f"{arm}-s{s}"][key] for s in range(seeds) if f"{arm}-s{s}" in runs]
 
     def ratio(arm: str) -> list[float]:
-        return [runs[f"baseline-s{s}"]["images_per_s"] / runs[f"{arm}-s{s}"]["images_per_s"] for s in range(seeds)
-                if f"{arm}-s{s}" in runs and f"baseline-s{s}" in runs]
+        pairs = [(runs.get(f"baseline-s{s}"), runs.get(f"{arm}-s{s}")) for s in range(seeds)]
+        return [b["images_per_s"] / a["images_per_s"] for b, a in pairs
+                if b and a and b.get("images_per_s") and a.get("images_per_s")]  # a run trained elsewhere has none
 
     lines = [f"## DDAE++ on {results['dataset']} ({results['arch']}, preset {results['preset']}, "
              f"{results['steps']} steps, {seeds} seed(s))", "",
