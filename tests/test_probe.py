@@ -17,8 +17,6 @@ from genperc.cli import main
 from genperc.config import load_config
 from genperc.data.formats import CifarSource, ClassFolderSource, FolderSource, open_source
 from genperc.errors import UserError
-from genperc.inference import load_run
-from genperc.models.registry import create_denoiser
 from genperc.experiments.probe import (
     FeatureExtractor,
     ProbeConfig,
@@ -30,6 +28,8 @@ from genperc.experiments.probe import (
     random_crop_flip,
     resolve_blocks,
 )
+from genperc.inference import load_run
+from genperc.models.registry import create_denoiser
 
 WORLD = Path(__file__).parent / "fixtures" / "world" / "single32"
 COLOURS = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])  # class = colour

@@ -156,7 +156,7 @@ class Experiment:
             record = self.evaluate(run, seed, timing)
         self.log(f"   {run.name}: FID {record['fid']:.2f}  precision {record['precision']:.3f}  recall "
                  f"{record['recall']:.3f}  probe {record['probe_top1']:.3f} (t={record['probe_t']}, "
-                 f"{record['probe_block']})  {record['images_per_s']:.0f} images/s")
+                 f"{record['probe_block']})" + (f"  {record['images_per_s']:.0f} images/s" if record["images_per_s"] else ""))
         return record
 
     # -- the tables -------------------------------------------------------------------------------
