@@ -33,6 +33,7 @@ def test_three_arms_train_evaluate_tabulate_and_resume(tmp_path, capsys, monkeyp
     assert all(label in table for label in ("DDAE (baseline)", "+ self-conditioning |",
                                             "+ self-conditioning + contrastive |"))
     assert "self-conditioning improves FID:" in table and "clean pixels" in table
+    assert "discriminative counterpart" in table and 0 <= json.loads((out / "shared" / "featurenet.json").read_text())["top1"] <= 1
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["runs"]) == sorted(f"{a}-s0" for a in ARMS)
 

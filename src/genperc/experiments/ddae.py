@@ -161,6 +161,20 @@ class Experiment:
 
     # -- the tables -------------------------------------------------------------------------------
 
+    def supervised_top1(self, run: Path) -> float:
+        """Test top-1 of the FID feature network, a small CNN trained with labels on the training split:
+        the discriminative counterpart beside the probe (``shared/featurenet.json``)."""
+        from genperc.evaluation.genrep import real_images
+        from genperc.inference import load_run
+
+        path = self.out / "shared" / "featurenet.json"
+        if not path.is_file():
+            loaded = load_run(run, weights="ema")
+            images, labels = real_images(_split(loaded, loaded.cfg.data.val_split))
+            top1 = float((self.feature_extractor(loaded).classify(images) == labels).float().mean())
+            atomic_write_text(path, json.dumps({"top1": top1}))
+        return json.loads(path.read_text())["top1"]
+
     def collect(self, seeds: int) -> dict:
         runs = {f"{a}-s{s}": _read(self.out / "runs" / f"{a}-s{s}" / "ddae.json") for a in ARMS for s in range(seeds)}
         return {"dataset": self.dataset, "preset": self.preset, "steps": self.cfg.train.steps, "seeds": seeds,
@@ -208,6 +222,8 @@ def render_tables(results: dict) -> str:
         lines += ["", f"Anchors (same probe, same data): chance {anchors[0]['chance']:.3f}; clean pixels "
                       f"{statistics.mean(a['pixels'] for a in anchors):.3f}"
                       + (f"; a freshly initialised denoiser (best cell) {statistics.mean(fresh):.3f}" if fresh else "")
+                      + (f"; discriminative counterpart (a CNN trained with labels, the FID network) "
+                         f"{results['supervised_top1']:.3f}" if "supervised_top1" in results else "")
                       + ". FID / precision / recall in the feature space of a small classifier trained on the "
                       "training split (not Inception)."]
     lines += ["", "Claims (mean over seeds):"] + _claims(vals, ratio)
@@ -269,6 +285,7 @@ def run_experiment(dataset: str = "digits", preset: str = "cpu", seeds: int = 3,
             exp.run(arm, seed)
     results = exp.collect(seeds)
     if len(results["runs"]) == seeds * len(ARMS):
+        results["supervised_top1"] = exp.supervised_top1(out / "runs" / "baseline-s0")
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         atomic_write_text(out / "tables.md", render_tables(results))
         log(render_tables(results))
