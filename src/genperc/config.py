@@ -155,6 +155,7 @@ class ContrastiveConfig:
     proj_dim:     output width of projector and predictor (MoCo v3: 256).
     pred_dim:     hidden width of the predictor (MoCo v3: 4096).
     aug_strength: scale of crop, colour-jitter ranges (1 = the module's documented ranges, 0 = none).
+    color:        scale of the colour jitter on top of ``aug_strength`` (0 = crop and flip only).
     flip:         random horizontal flips of the views.
     aug_cond:     feed the augmentation parameters to the network as a conditioning vector (EDM-style).
     """
@@ -169,6 +170,7 @@ class ContrastiveConfig:
     proj_dim: int = 256
     pred_dim: int = 1024
     aug_strength: float = 1.0
+    color: float = 1.0
     flip: bool = True
     aug_cond: bool = False
 
@@ -184,6 +186,7 @@ class ContrastiveConfig:
         for name in ("hidden", "proj_dim", "pred_dim"):
             in_range(key + name, getattr(self, name), 1, 65536)
         in_range(key + "aug_strength", self.aug_strength, 0, 2)
+        in_range(key + "color", self.color, 0, 2)
 
 
 @dataclass

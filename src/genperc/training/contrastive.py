@@ -59,9 +59,10 @@ JITTER_P = 0.8
 TEACHER_DIR = "contrastive_teacher"
 
 
-def augment_views(x: Tensor, generator: torch.Generator, strength: float = 1.0, flip: bool = True
-                  ) -> tuple[Tensor, Tensor]:
-    """One random view of each image of ``x`` [B, C, H, W] in [−1, 1] and its parameters [B, 9] (module doc)."""
+def augment_views(x: Tensor, generator: torch.Generator, strength: float = 1.0, flip: bool = True,
+                  color: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One random view of each image of ``x`` [B, C, H, W] in [−1, 1] and its parameters [B, 9] (module doc);
+    ``color`` scales the colour jitter on top of ``strength`` (0: crop and flip only)."""
     import kornia
 
     b, c, h, w = x.shape
@@ -81,7 +82,7 @@ def augment_views(x: Tensor, generator: torch.Generator, strength: float = 1.0, 
     flipped = (u(b) < 0.5).float() if flip else torch.zeros(b, device=x.device)
     views = torch.where(flipped.bool().view(-1, 1, 1, 1), views.flip(-1), views)
     on = (u(b) < JITTER_P).float() if s > 0 else torch.zeros(b, device=x.device)
-    jitter = [(2 * u(b) - 1) * j * s * on for j in JITTER]  # brightness, contrast, saturation, hue offsets
+    jitter = [(2 * u(b) - 1) * j * s * color * on for j in JITTER]  # brightness, contrast, saturation, hue offsets
     if c == 3:
         e, img = kornia.enhance, (views + 1) / 2
         img = e.adjust_brightness(img, jitter[0]).clamp(0, 1)
@@ -161,7 +162,7 @@ class ContrastiveSelfDistillation:
         cfg, g = self.cfg, ctx.generator
         pixels = ctx.batch.x0
         b = pixels.shape[0]
-        views, params = augment_views(torch.cat([pixels, pixels]), g, cfg.aug_strength, cfg.flip)
+        views, params = augment_views(torch.cat([pixels, pixels]), g, cfg.aug_strength, cfg.flip, cfg.color)
         with torch.no_grad():
             z = ctx.space.encode(views)
         t = self.timesteps(2 * b, g, z.device)
