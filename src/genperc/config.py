@@ -145,7 +145,8 @@ class ContrastiveConfig:
 
     enabled:      add the InfoNCE loss of two augmented views (needs ``model.self_conditioning.enabled``:
                   the student reads the self-conditioning features).
-    weight:       its weight next to the diffusion loss.
+    weight:       its weight next to the diffusion loss (0.03: at 0.1 the loss is ~5× the diffusion loss
+                  and cost sample precision on the digits and the world; docs/ddae.md, "Ablations").
     temperature:  τ of MoCo v3's InfoNCE (the loss is scaled by 2τ, as MoCo v3 does).
     momentum:     m of the EMA teacher, θ_teacher ← m·θ_teacher + (1 − m)·θ_student, every optimizer step
                   (constant; not the sampling EMA ``train.ema_decay``).
@@ -155,13 +156,15 @@ class ContrastiveConfig:
     proj_dim:     output width of projector and predictor (MoCo v3: 256).
     pred_dim:     hidden width of the predictor (MoCo v3: 4096).
     aug_strength: scale of crop, colour-jitter ranges (1 = the module's documented ranges, 0 = none).
-    color:        scale of the colour jitter on top of ``aug_strength`` (0 = crop and flip only).
+    color:        scale of the colour jitter on top of ``aug_strength``; 0 (default) = crop and flip only,
+                  EDM's geometric-only choice — any colour jitter (even 0.25) collapsed world samples to
+                  saturated frames (docs/ddae.md, "Ablations"); 1 = MoCo v3's colour recipe.
     flip:         random horizontal flips of the views.
     aug_cond:     feed the augmentation parameters to the network as a conditioning vector (EDM-style).
     """
 
     enabled: bool = False
-    weight: float = 0.1
+    weight: float = 0.03
     temperature: float = 0.2
     momentum: float = 0.99
     t: int = 11
@@ -170,7 +173,7 @@ class ContrastiveConfig:
     proj_dim: int = 256
     pred_dim: int = 1024
     aug_strength: float = 1.0
-    color: float = 1.0
+    color: float = 0.0
     flip: bool = True
     aug_cond: bool = False
 

@@ -10,9 +10,14 @@ a conditioning vector, two views of an instance, and an ablation over the head d
 
 * **Views** (:func:`augment_views`, kornia's functional ops on tensors, every parameter drawn from
   the trainer's generator): random resized crop (area ∈ [1 − 0.8·s, 1] of the image, aspect ratio
-  log-uniform in 4/3^(±s), resized back bilinearly), horizontal flip (p = ½, ``flip``), and with
-  p = 0.8 a colour jitter in fixed order — brightness + U(±0.4·s), contrast and saturation × U(1 ± 0.4·s),
-  hue + U(±0.1·s) of a turn (skipped for images that are not RGB); s = ``aug_strength``. The
+  log-uniform in 4/3^(±s), resized back bilinearly), horizontal flip (p = ½, ``flip``), and, when
+  ``color`` c > 0, with p = 0.8 a colour jitter in fixed order — brightness + U(±0.4·s·c), contrast
+  and saturation × U(1 ± 0.4·s·c), hue + U(±0.1·s·c) of a turn (skipped for images that are not RGB);
+  s = ``aug_strength``. **Colour is off by default** (c = 0): EDM's augmentation, which reviewers say
+  DDAE++ follows, is geometric only, and measured here any jitter (c = 0.25 or 1) made the denoiser
+  sample a third to a half of its world images as saturated black or white frames, with or without
+  ``aug_cond`` — invariance of the routed features to global intensity takes from the decoder the
+  signal it corrects brightness with (docs/ddae.md, "Ablations"). The
   parameters form a 9-vector (crop centre offset x, y; log crop width, height; flip; brightness;
   contrast − 1; saturation − 1; hue), zero for "not augmented" — EDM's convention.
   ``aug_cond`` feeds it to the network (a zero-initialised linear map into every block's conditioning
