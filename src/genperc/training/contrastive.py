@@ -16,8 +16,9 @@ a conditioning vector, two views of an instance, and an ablation over the head d
   s = ``aug_strength``. **Colour is off by default** (c = 0): EDM's augmentation, which reviewers say
   DDAE++ follows, is geometric only, and measured here any jitter (c = 0.25 or 1) made the denoiser
   sample a third to a half of its world images as saturated black or white frames, with or without
-  ``aug_cond`` — invariance of the routed features to global intensity takes from the decoder the
-  signal it corrects brightness with (docs/ddae.md, "Ablations"). The
+  ``aug_cond`` (docs/ddae.md, "Ablations"; the mechanism is not pinned down: at c = 1 the
+  self-conditioning offset's response to a global brightness shift fell 4–10×, at c = 0.25 it did
+  not). The
   parameters form a 9-vector (crop centre offset x, y; log crop width, height; flip; brightness;
   contrast − 1; saturation − 1; hue), zero for "not augmented" — EDM's convention.
   ``aug_cond`` feeds it to the network (a zero-initialised linear map into every block's conditioning
