@@ -219,8 +219,8 @@ def test_augment_views_identity_parameters_and_ranges():
     x = torch.rand(6, 3, 8, 8) * 2 - 1
     same, params = augment_views(x, torch.Generator().manual_seed(0), strength=0.0, flip=False)
     assert torch.allclose(same, x, atol=1e-5) and torch.count_nonzero(params) == 0
-    views, params = augment_views(x, torch.Generator().manual_seed(0), strength=1.0)
-    again, _ = augment_views(x, torch.Generator().manual_seed(0), strength=1.0)
+    views, params = augment_views(x, torch.Generator().manual_seed(0), strength=1.0, color=1.0)
+    again, _ = augment_views(x, torch.Generator().manual_seed(0), strength=1.0, color=1.0)
     assert torch.equal(views, again) and views.shape == x.shape and params.shape == (6, 9)
     assert views.min() >= -1 and views.max() <= 1 and not torch.allclose(views, x)
     assert set(params[:, 4].tolist()) <= {0.0, 1.0} and (params[:, 2:4] <= 1e-6).all()  # flips, crop ≤ image
@@ -229,8 +229,8 @@ def test_augment_views_identity_parameters_and_ranges():
 
 def test_augment_views_color_zero_keeps_the_crop_and_drops_the_jitter():
     x = torch.rand(6, 3, 8, 8) * 2 - 1
-    jittered, p1 = augment_views(x, torch.Generator().manual_seed(0), strength=1.0)
-    cropped, p0 = augment_views(x, torch.Generator().manual_seed(0), strength=1.0, color=0.0)
+    jittered, p1 = augment_views(x, torch.Generator().manual_seed(0), strength=1.0, color=1.0)
+    cropped, p0 = augment_views(x, torch.Generator().manual_seed(0), strength=1.0)  # default: no colour
     assert torch.equal(p0[:, :5], p1[:, :5]) and torch.count_nonzero(p0[:, 5:]) == 0  # same crops and flips
     assert not torch.allclose(cropped, jittered)
     # the crop-only view is the jittered one's geometry: same pixels where no jitter was drawn

@@ -66,7 +66,7 @@ TEACHER_DIR = "contrastive_teacher"
 
 
 def augment_views(x: Tensor, generator: torch.Generator, strength: float = 1.0, flip: bool = True,
-                  color: float = 1.0) -> tuple[Tensor, Tensor]:
+                  color: float = 0.0) -> tuple[Tensor, Tensor]:
     """One random view of each image of ``x`` [B, C, H, W] in [−1, 1] and its parameters [B, 9] (module doc);
     ``color`` scales the colour jitter on top of ``strength`` (0: crop and flip only)."""
     import kornia
